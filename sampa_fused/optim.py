@@ -1,0 +1,533 @@
+"""SAMPa and SAM as torch.optim.Optimizers over flat parameter buffers.
+
+The algorithm (SPEC section 1) reads top to bottom in `SAMPa.step`; the
+elementwise math lives in the backends, the gradient passes in the engines.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .backends import EPS, make_backend
+from .engines import make_engine
+from .flat import Slab, build_slabs
+from .rules import GenericRule, check_group, rule_for
+
+NONFINITE_MODES = ("raise", "skip")
+
+
+class SlabBuffers:
+    """The flat buffers of one (device, dtype) slab.
+
+    x       the model's parameters (views): x between steps, xt during the x̃-pass
+    x_save  x kept bit-exact while the model holds xt
+    g       the model's gradients (views): gxt
+    y       the y-model's parameters (views)            (SAMPa only)
+    gy_new  the y-model's gradients (views): gy_{t+1}    (SAMPa only)
+    gy      gy_t, committed only when a step succeeds    (SAMPa only)
+    state   base-optimizer state by name (momentum_buffer, exp_avg, ...)
+    """
+
+    def __init__(self, slab: Slab, sampa: bool, state_names: Sequence[str]):
+        self.slab = slab
+        self.x, self.x_save, self.g = slab.empty(), slab.empty(), slab.empty()
+        if sampa:
+            self.y, self.gy_new, self.gy = slab.empty(), slab.empty(), slab.empty()
+        self.state: Dict[str, torch.Tensor] = {n: slab.empty() for n in state_names}
+
+
+class _FlatSharpness(torch.optim.Optimizer):
+    """What SAMPa and SAM share: construction, flat buffers, hyperparameters,
+    the failure protocol, and (de)serialisation."""
+
+    _sampa = False
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, base_optimizer: type, *,
+                 rho: float, lam: Optional[float], engine: str, backend: str,
+                 params=None, nonfinite: str = "raise", engine_options: Optional[dict] = None,
+                 **base_kwargs):
+        cls = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{cls}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"{cls}: loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{cls}: pass the base optimizer class (e.g. torch.optim.SGD) and its "
+                            "keyword arguments, not an optimizer instance")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"{cls}: base_optimizer must be a torch.optim.Optimizer subclass, "
+                            f"got {base_optimizer!r}")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"{cls}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        defaults_check = {"rho": rho, "lam": lam}
+        msg = check_group(defaults_check, None, cls)
+        if msg:
+            raise ValueError(msg)
+
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"{cls}: the model has no trainable parameters "
+                                 "(none with requires_grad=True)")
+        self.model, self.loss_fn = model, loss_fn
+        self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+
+        self._building = True
+        base = base_optimizer(params, **base_kwargs)
+        for group in base.param_groups:
+            group.setdefault("rho", rho)
+            if self._sampa:
+                group.setdefault("lam", lam)
+        base.defaults["rho"] = rho
+        if self._sampa:
+            base.defaults["lam"] = lam
+        super().__init__(base.param_groups, base.defaults)
+        self._building = False
+        # The base optimizer's own objects: schedulers and edits act on both.
+        self.base = base
+        self.param_groups, self.state, self.defaults = base.param_groups, base.state, base.defaults
+        self.rule = rule_for(base)
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0           # steps refused for non-finite values (nonfinite="skip")
+        self._t = 0                      # successful steps
+        self._steps: List[int] = [0] * len(self.param_groups)   # per param group
+        self._held: Any = None           # the held batch B_t
+        self._ymodel: Optional[nn.Module] = None
+        self._build()
+        self._model_buffers = list(model.buffers())
+        self._saved_buffers = [b.clone() for b in self._model_buffers]
+        device = self._bufs[0].x.device
+        self.engine = make_engine(engine, self, **(engine_options or {}))
+        self.backend = make_backend(backend, device)
+        self._gy_sq = torch.zeros((), dtype=torch.float32, device=device)   # ||gy_t||^2
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        """Lay out every parameter in flat slabs (again, after add_param_group),
+        keeping current values of x, gy and the base state."""
+        params, groups = [], []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                self._check_param(p)
+                params.append(p)
+                groups.append(gi)
+        old = self._per_param_values() if hasattr(self, "_bufs") else {}
+        slabs = build_slabs(params, groups)
+        names_by_slab = []
+        for slab in slabs:
+            names = []
+            for seg in slab.segments:
+                for n in self.rule.state_names(self.rule.hyper(self.param_groups[seg.group])):
+                    if n not in names:
+                        names.append(n)
+            names_by_slab.append(names)
+        if self._sampa and self._ymodel is None:
+            self._ymodel = self._make_ymodel()
+        self._params = params
+        self._bufs = [SlabBuffers(s, self._sampa, n) for s, n in zip(slabs, names_by_slab)]
+        if self._sampa:
+            named = dict(self._ymodel.named_parameters(remove_duplicate=True))
+            self._yparams = [named[self._names[id(p)]] for p in params]
+        for b in self._bufs:
+            b.slab.gather([p.data for p in params], b.x)
+            b.slab.bind_data(params, b.x)
+            b.slab.bind_grad(params, b.g)
+            if self._sampa:
+                b.slab.gather(params, b.y)
+                b.slab.bind_data(self._yparams, b.y)
+                b.slab.bind_grad(self._yparams, b.gy_new)
+                if "gy" in old:
+                    b.slab.gather(old["gy"], b.gy)
+            for n, flat in b.state.items():
+                if n in old:
+                    b.slab.gather(old[n], flat)
+        if old:
+            self._publish_state()
+
+    def _check_param(self, p: torch.Tensor) -> None:
+        cls = type(self).__name__
+        if id(p) not in self._names:
+            raise ValueError(f"{cls}: a parameter of shape {tuple(p.shape)} is not a parameter of "
+                             "the model; every optimized parameter must belong to `model`")
+        if not p.is_floating_point():
+            raise TypeError(f"{cls}: parameter {self._names[id(p)]} has dtype {p.dtype}; "
+                            "only floating-point parameters are supported")
+        if p.layout != torch.strided or p.is_sparse:
+            raise TypeError(f"{cls}: parameter {self._names[id(p)]} is not a dense tensor")
+
+    def _make_ymodel(self) -> nn.Module:
+        """The private copy the y-pass runs on (its buffers are never written back)."""
+        try:
+            ymodel = copy.deepcopy(self.model)
+        except Exception as e:
+            raise TypeError(f"SAMPa needs a private copy of the model for the y-pass, and "
+                            f"copy.deepcopy(model) failed: {e}") from e
+        for p in ymodel.parameters():
+            p.grad = None
+        return ymodel
+
+    def _per_param_values(self) -> Dict[str, List[Optional[torch.Tensor]]]:
+        """Copies of gy and the base state, per parameter (indexed like
+        self._params); parameters added since have None."""
+        out: Dict[str, List[Optional[torch.Tensor]]] = {}
+        n = sum(len(g["params"]) for g in self.param_groups)
+        for b in self._bufs:
+            named = dict(b.state)
+            if self._sampa:
+                named["gy"] = b.gy
+            for name, flat in named.items():
+                lst = out.setdefault(name, [None] * n)
+                for i, v in zip(b.slab.index, b.slab.views(flat)):
+                    lst[i] = v.clone()
+        return out
+
+    # ---------------------------------------------------------- hyperparameters
+    def _hyper(self):
+        """Per group: (base hyperparameters, rho, lam), validated at every step
+        since users and schedulers edit groups between steps."""
+        if len(self._steps) != len(self.param_groups):
+            raise RuntimeError(f"{type(self).__name__}: param groups changed without "
+                               "add_param_group; use opt.add_param_group(...)")
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            msg = check_group(group if self._sampa else {"rho": group.get("rho")}, self.rule,
+                              f"{type(self).__name__} param group {gi}")
+            if msg:
+                raise ValueError(msg)
+            out.append((self.rule.hyper(group), float(group["rho"]),
+                        float(group["lam"]) if self._sampa else None))
+        return out
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_building", True):
+            return super().add_param_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            self._check_param(p)
+        self.base.add_param_group(dict(param_group, params=params))
+        self._steps.append(0)
+        self._build()
+
+    # ------------------------------------------------------- failure protocol
+    def _ensure_grads_bound(self) -> None:
+        # model.zero_grad() sets p.grad to None, which would send gradients
+        # elsewhere than the flat buffer: rebind them.
+        if any(p.grad is None for p in self._params):
+            for b in self._bufs:
+                b.slab.bind_grad(self._params, b.g)
+
+    def _save_buffers(self) -> None:
+        if self._model_buffers:
+            torch._foreach_copy_(self._saved_buffers, self._model_buffers)
+
+    def _rollback(self) -> None:
+        """Undo a step that did not complete: x and the model's buffers."""
+        with torch.no_grad():
+            for b in self._bufs:
+                b.x.copy_(b.x_save)
+            if self._model_buffers:
+                torch._foreach_copy_(self._model_buffers, self._saved_buffers)
+
+    def _accept(self, ok: torch.Tensor) -> bool:
+        # The one host read of a step: the finite flag, after all work is queued.
+        if bool(ok):
+            return True
+        self._rollback()
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite loss or gradient at step {self._t}; the step was "
+                "refused and parameters, optimizer state and the held batch are unchanged. "
+                "Lower the learning rate, check the data, or pass nonfinite='skip' to skip such steps.")
+        self.skipped_steps += 1
+        return False
+
+    def _advance(self) -> None:
+        for gi in range(len(self._steps)):
+            self._steps[gi] += 1
+        self._t += 1
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        """Expose the flat state in `opt.state[p]` as torch's own optimizer
+        would hold it (views, so no copies), once a group has stepped."""
+        if not self.rule.fused:
+            return
+        for b in self._bufs:
+            views = {n: b.slab.views(flat) for n, flat in b.state.items()}
+            for k, i in enumerate(b.slab.index):
+                p = self._params[i]
+                gi = self._group_of(i)
+                st = self.state[p]
+                if self._steps[gi] == 0:
+                    st.clear()
+                    continue
+                hp = self.rule.hyper(self.param_groups[gi])
+                for n in self.rule.state_names(hp):
+                    if st.get(n) is None or st[n].data_ptr() != views[n][k].data_ptr():
+                        st[n] = views[n][k]
+                if self.rule.name == "adamw":
+                    st["step"] = torch.tensor(float(self._steps[gi]), dtype=torch.float32)
+
+    def _group_of(self, i: int) -> int:
+        if not hasattr(self, "_group_index") or len(self._group_index) != len(self._params):
+            self._group_index = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        return self._group_index[i]
+
+    # ------------------------------------------------------------- passes
+    def _loss(self, model: nn.Module, batch, which: str) -> torch.Tensor:
+        loss = self.loss_fn(model, batch)
+        cls = type(self).__name__
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"{cls}: loss_fn must return a tensor ({which}), got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"{cls}: loss_fn must return a scalar loss ({which}), got shape "
+                             f"{tuple(loss.shape)}; reduce it, e.g. with .mean()")
+        if not loss.is_floating_point():
+            raise TypeError(f"{cls}: loss_fn returned a {loss.dtype} tensor ({which}); "
+                            "it must be floating point")
+        if not loss.requires_grad:
+            raise ValueError(f"{cls}: the loss of the {which} does not depend on the parameters "
+                             "(requires_grad is False): loss_fn must compute the loss with the "
+                             "model it is given as first argument, under grad mode")
+        return loss.reshape(())
+
+    # ------------------------------------------------------- torch.optim API
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient buffer (gradients stay views into it)."""
+        for b in self._bufs:
+            b.g.zero_()
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = self.base.state_dict()
+        for st in sd["state"].values():  # a torch optimizer loading this must not share tensors
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+        extra = {"method": type(self).__name__, "t": self._t, "steps": list(self._steps),
+                 "skipped_steps": self.skipped_steps}
+        if self._sampa:
+            gy: List[Optional[torch.Tensor]] = [None] * len(self._params)
+            for b in self._bufs:
+                for i, v in zip(b.slab.index, b.slab.views(b.gy)):
+                    gy[i] = v.clone()
+            extra.update(gy=gy, gy_sq=self._gy_sq.clone(), held_batch=self._held)
+        sd["sampa_fused"] = extra
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        extra = sd.pop("sampa_fused", None)
+        cls = type(self).__name__
+        if extra is not None and extra.get("method") != cls:
+            raise ValueError(f"{cls}.load_state_dict: this state dict was saved by "
+                             f"{extra.get('method')}, not {cls}")
+        self.base.load_state_dict(sd)
+        # torch replaces the group list and the state on load: follow it.
+        self.param_groups, self.state = self.base.param_groups, self.base.state
+        if extra is not None:
+            steps = list(extra["steps"])
+        else:  # a plain base-optimizer checkpoint: warm start from its state
+            steps = [self._steps_from_base(gi) for gi in range(len(self.param_groups))]
+        if len(steps) != len(self.param_groups):
+            raise ValueError(f"{cls}.load_state_dict: {len(steps)} groups of step counts for "
+                             f"{len(self.param_groups)} param groups")
+        self._steps = steps
+        with torch.no_grad():
+            for b in self._bufs:
+                for n, flat in b.state.items():
+                    for k, i in enumerate(b.slab.index):
+                        v = self.state[self._params[i]].get(n)
+                        view = b.slab.views(flat)[k]
+                        view.copy_(v) if v is not None else view.zero_()
+            if self._sampa:
+                if extra is not None:
+                    for b in self._bufs:
+                        b.slab.gather([t.to(b.gy.device) for t in extra["gy"]], b.gy)
+                    self._gy_sq = extra["gy_sq"].to(self._gy_sq.device).clone()
+                    self._held = extra["held_batch"]
+                else:
+                    for b in self._bufs:
+                        b.gy.zero_()
+                    self._gy_sq.zero_()
+                    self._held = None
+        self._t = extra["t"] if extra is not None else 0
+        self.skipped_steps = extra.get("skipped_steps", 0) if extra is not None else 0
+        if self.rule.fused:
+            for st in self.state.values():
+                st.clear()
+        self._publish_state()
+
+    def _steps_from_base(self, gi: int) -> int:
+        counts = set()
+        for p in self.param_groups[gi]["params"]:
+            st = self.state.get(p, {})
+            if "step" in st:
+                counts.add(int(float(st["step"])))
+            elif st:
+                counts.add(-1)
+        if not counts:
+            return 0
+        if len(counts) != 1 or -1 in counts:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: param group {gi} has "
+                             "parameters at different step counts; cannot continue it as one group")
+        return counts.pop()
+
+    def __repr__(self) -> str:
+        p = sum(b.slab.numel for b in self._bufs)
+        return (f"{type(self).__name__}(base={type(self.base).__name__}, engine={self.engine.name}, "
+                f"backend={self.backend.name}, groups={len(self.param_groups)}, "
+                f"slabs={len(self._bufs)}, elements={p})")
+
+
+class SAMPa(_FlatSharpness):
+    """Sharpness-aware minimization, parallelized (Xie, Pethick, Cevher, 2024).
+
+    opt = SAMPa(model, loss_fn, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9)
+    loss = opt.step(batch)   # loss at the perturbed point on the held batch
+
+    `loss_fn(model, batch)` returns a scalar loss. Both gradients of a step are
+    independent: the engine may run them at the same time.
+    """
+
+    _sampa = True
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, base_optimizer: type, *,
+                 rho: float = 0.05, lam: float = 0.2, engine: str = "serial",
+                 backend: str = "auto", **kwargs):
+        super().__init__(model, loss_fn, base_optimizer, rho=rho, lam=lam, engine=engine,
+                         backend=backend, **kwargs)
+
+    def step(self, batch=None):  # noqa: C901 - mirrors SPEC section 1
+        if batch is None:
+            raise TypeError("SAMPa.step(batch): pass the next batch; the optimizer calls "
+                            "loss_fn(model, batch) itself (closures are not used)")
+        hyper = self._hyper()
+        self._ensure_grads_bound()
+        held = batch if self._held is None else self._held          # first call: B_0 = B_1
+        with torch.no_grad():
+            self._save_buffers()
+            gy_norm = self._gy_sq.sqrt()                              # ||gy_t||, on the device
+            # 1. xt = x + rho * gy / (||gy|| + eps)   -> the model
+            # 2. y  = peek(x, s, gy)                  -> the y-model
+            if self.rule.fused:
+                for b in self._bufs:
+                    for seg in b.slab.segments:
+                        hp, rho, _ = hyper[seg.group]
+                        self.backend.sampa_pre(b, seg, self.rule, hp, self._steps[seg.group], rho, gy_norm)
+            else:
+                self._generic_pre(hyper, gy_norm)
+        # 3. gxt = grad f(xt, B_t) and gy_{t+1} = grad f(y, B_{t+1}), independent
+        try:
+            loss_x, loss_y = self.engine.sampa_gradients(held, batch)
+        except BaseException:
+            self._rollback()
+            raise
+        with torch.no_grad():
+            ok, gy_sq = self.backend.check(self._bufs, (loss_x, loss_y), ("g", "gy_new"), "gy_new")
+            if not self._accept(ok):
+                return loss_x.detach()
+            # 4. g = (1 - lam) gxt + lam gy_{t+1}
+            # 5. x, s = base_step(x, s, g)
+            # 6. keep gy_{t+1} and B_{t+1}
+            if self.rule.fused:
+                for b in self._bufs:
+                    for seg in b.slab.segments:
+                        hp, _, lam = hyper[seg.group]
+                        self.backend.sampa_post(b, seg, self.rule, hp, self._steps[seg.group], lam)
+            else:
+                self._generic_post(hyper)
+            self._gy_sq = gy_sq
+            self._held = batch
+            self._advance()
+        return loss_x.detach()
+
+    # Any other base optimizer: its own step() gives the peek and the step.
+    def _generic_pre(self, hyper, gy_norm) -> None:
+        for b in self._bufs:
+            b.x_save.copy_(b.x)
+            b.g.copy_(b.gy)
+        saved = self._snapshot_base()
+        self.base.step()                      # x <- y (the peek) ...
+        self._restore_base(saved)             # ... with the state left untouched
+        for b in self._bufs:
+            b.y.copy_(b.x)
+            b.x.copy_(b.x_save)
+            for seg in b.slab.segments:
+                rho = hyper[seg.group][1]
+                x, gy = b.x[seg.start:seg.end], b.gy[seg.start:seg.end]
+                x.copy_(x.float() + (rho / (gy_norm + EPS)) * gy.float())
+
+    def _generic_post(self, hyper) -> None:
+        for b in self._bufs:
+            for seg in b.slab.segments:
+                lam = hyper[seg.group][2]
+                g = b.g[seg.start:seg.end]
+                g.copy_(g.float().mul(1 - lam).add_(b.gy_new[seg.start:seg.end].float(), alpha=lam))
+            b.x.copy_(b.x_save)
+        self.base.step()
+        for b in self._bufs:
+            b.gy.copy_(b.gy_new)
+
+    def _snapshot_base(self):
+        state = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                     for k, v in st.items()} for p, st in self.base.state.items()}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.base.param_groups]
+        return state, groups
+
+    def _restore_base(self, saved) -> None:
+        state, groups = saved
+        self.base.state.clear()
+        self.base.state.update(state)
+        for g, s in zip(self.base.param_groups, groups):
+            g.update(s)
+
+
+class SAM(_FlatSharpness):
+    """Sharpness-aware minimization (Foret et al., 2021), the baseline:
+    two sequential gradients per step, same interface as SAMPa."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, base_optimizer: type, *,
+                 rho: float = 0.05, engine: str = "serial", backend: str = "auto", **kwargs):
+        super().__init__(model, loss_fn, base_optimizer, rho=rho, lam=None, engine=engine,
+                         backend=backend, **kwargs)
+
+    def step(self, batch=None):
+        if batch is None:
+            raise TypeError("SAM.step(batch): pass the batch; the optimizer calls "
+                            "loss_fn(model, batch) itself (closures are not used)")
+        hyper = self._hyper()
+        self._ensure_grads_bound()
+        with torch.no_grad():
+            self._save_buffers()
+            for b in self._bufs:
+                b.x_save.copy_(b.x)
+        try:
+            loss0 = self.engine.gradient(batch, "first pass")                 # g = grad f(x, b)
+            with torch.no_grad():
+                ok0, g_sq = self.backend.check(self._bufs, (loss0,), (), "g")
+                g_norm = g_sq.sqrt()
+                for b in self._bufs:                                           # xt = x + rho g/(||g||+eps)
+                    for seg in b.slab.segments:
+                        self.backend.sam_perturb(b, seg, hyper[seg.group][1], g_norm)
+            loss = self.engine.gradient(batch, "perturbed pass")              # g = grad f(xt, b)
+        except BaseException:
+            self._rollback()
+            raise
+        with torch.no_grad():
+            ok, _ = self.backend.check(self._bufs, (loss,), ("g",), None)
+            if not self._accept(ok & ok0):
+                return loss.detach()
+            if self.rule.fused:                                                # x, s = base_step(x, s, g)
+                for b in self._bufs:
+                    for seg in b.slab.segments:
+                        hp = hyper[seg.group][0]
+                        self.backend.sam_post(b, seg, self.rule, hp, self._steps[seg.group])
+            else:
+                for b in self._bufs:
+                    b.x.copy_(b.x_save)
+                self.base.step()
+            self._advance()
+        return loss.detach()
