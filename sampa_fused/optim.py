@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .backends import EPS, make_backend
-from .engines import make_engine
+from .engines import ENGINE_OPTIONS, make_engine
 from .flat import Slab, build_slabs
 from .rules import GenericRule, check_group, rule_for
 
@@ -47,8 +47,7 @@ class _FlatSharpness(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, loss_fn: Callable, base_optimizer: type, *,
                  rho: float, lam: Optional[float], engine: str, backend: str,
-                 params=None, nonfinite: str = "raise", engine_options: Optional[dict] = None,
-                 **base_kwargs):
+                 params=None, nonfinite: str = "raise", **base_kwargs):
         cls = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{cls}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -67,6 +66,7 @@ class _FlatSharpness(torch.optim.Optimizer):
         if msg:
             raise ValueError(msg)
 
+        engine_options = {k: base_kwargs.pop(k) for k in ENGINE_OPTIONS if k in base_kwargs}
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
@@ -99,10 +99,23 @@ class _FlatSharpness(torch.optim.Optimizer):
         self._build()
         self._model_buffers = list(model.buffers())
         self._saved_buffers = [b.clone() for b in self._model_buffers]
-        device = self._bufs[0].x.device
-        self.engine = make_engine(engine, self, **(engine_options or {}))
-        self.backend = make_backend(backend, device)
-        self._gy_sq = torch.zeros((), dtype=torch.float32, device=device)   # ||gy_t||^2
+        self.engine = make_engine(engine, self, **engine_options)
+        self._backend_name = backend
+        self._attach_replicas()
+        if not self.rule.fused and len(self._replicas) > 1:
+            raise ValueError(f"{type(self).__name__}: the {self.engine.name} engine keeps replicas of "
+                             f"the optimizer state and needs torch.optim.SGD or torch.optim.AdamW "
+                             f"as base optimizer, not {type(self.base).__name__}")
+
+    def _attach_replicas(self) -> None:
+        """The flat buffers each update runs on (one list per device or rank
+        that keeps x and the state), with a backend and ||gy||^2 for each."""
+        self._replicas = getattr(self.engine, "replicas", None) or [self._bufs]
+        self._backends = [make_backend(self._backend_name, r[0].x.device) for r in self._replicas]
+        self.backend = self._backends[0]
+        if not hasattr(self, "_gy_sqs") or len(self._gy_sqs) != len(self._replicas):
+            self._gy_sqs = [torch.zeros((), dtype=torch.float32, device=r[0].x.device)
+                            for r in self._replicas]
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -227,8 +240,9 @@ class _FlatSharpness(torch.optim.Optimizer):
     def _rollback(self) -> None:
         """Undo a step that did not complete: x and the model's buffers."""
         with torch.no_grad():
-            for b in self._bufs:
-                b.x.copy_(b.x_save)
+            for bufs in self._replicas:
+                for b in bufs:
+                    b.x.copy_(b.x_save)
             if self._model_buffers:
                 torch._foreach_copy_(self._model_buffers, self._saved_buffers)
 
@@ -313,7 +327,7 @@ class _FlatSharpness(torch.optim.Optimizer):
             for b in self._bufs:
                 for i, v in zip(b.slab.index, b.slab.views(b.gy)):
                     gy[i] = v.clone()
-            extra.update(gy=gy, gy_sq=self._gy_sq.clone(), held_batch=self._held)
+            extra.update(gy=gy, gy_sq=self._gy_sqs[0].clone(), held_batch=self._held)
         sd["sampa_fused"] = extra
         return sd
 
@@ -336,23 +350,21 @@ class _FlatSharpness(torch.optim.Optimizer):
                              f"{len(self.param_groups)} param groups")
         self._steps = steps
         with torch.no_grad():
-            for b in self._bufs:
-                for n, flat in b.state.items():
-                    for k, i in enumerate(b.slab.index):
-                        v = self.state[self._params[i]].get(n)
-                        view = b.slab.views(flat)[k]
-                        view.copy_(v) if v is not None else view.zero_()
+            for bufs in self._replicas:
+                for b in bufs:
+                    for n, flat in b.state.items():
+                        for view, i in zip(b.slab.views(flat), b.slab.index):
+                            v = self.state[self._params[i]].get(n)
+                            view.copy_(v) if v is not None else view.zero_()
             if self._sampa:
-                if extra is not None:
-                    for b in self._bufs:
-                        b.slab.gather([t.to(b.gy.device) for t in extra["gy"]], b.gy)
-                    self._gy_sq = extra["gy_sq"].to(self._gy_sq.device).clone()
-                    self._held = extra["held_batch"]
-                else:
-                    for b in self._bufs:
-                        b.gy.zero_()
-                    self._gy_sq.zero_()
-                    self._held = None
+                for bufs, sq in zip(self._replicas, self._gy_sqs):
+                    for b in bufs:
+                        if extra is not None:
+                            b.slab.gather([t.to(b.gy.device) for t in extra["gy"]], b.gy)
+                        else:
+                            b.gy.zero_()
+                    sq.copy_(extra["gy_sq"] if extra is not None else torch.zeros(()))
+                self._held = extra["held_batch"] if extra is not None else None
         self._t = extra["t"] if extra is not None else 0
         self.skipped_steps = extra.get("skipped_steps", 0) if extra is not None else 0
         if self.rule.fused:
@@ -409,16 +421,17 @@ class SAMPa(_FlatSharpness):
         held = batch if self._held is None else self._held          # first call: B_0 = B_1
         with torch.no_grad():
             self._save_buffers()
-            gy_norm = self._gy_sq.sqrt()                              # ||gy_t||, on the device
             # 1. xt = x + rho * gy / (||gy|| + eps)   -> the model
             # 2. y  = peek(x, s, gy)                  -> the y-model
             if self.rule.fused:
-                for b in self._bufs:
-                    for seg in b.slab.segments:
-                        hp, rho, _ = hyper[seg.group]
-                        self.backend.sampa_pre(b, seg, self.rule, hp, self._steps[seg.group], rho, gy_norm)
+                for backend, bufs, gy_sq in zip(self._backends, self._replicas, self._gy_sqs):
+                    gy_norm = gy_sq.sqrt()                        # ||gy_t||, on the device
+                    for b in bufs:
+                        for seg in b.slab.segments:
+                            hp, rho, _ = hyper[seg.group]
+                            backend.sampa_pre(b, seg, self.rule, hp, self._steps[seg.group], rho, gy_norm)
             else:
-                self._generic_pre(hyper, gy_norm)
+                self._generic_pre(hyper, self._gy_sqs[0].sqrt())
         # 3. gxt = grad f(xt, B_t) and gy_{t+1} = grad f(y, B_{t+1}), independent
         try:
             loss_x, loss_y = self.engine.sampa_gradients(held, batch)
@@ -426,20 +439,22 @@ class SAMPa(_FlatSharpness):
             self._rollback()
             raise
         with torch.no_grad():
-            ok, gy_sq = self.backend.check(self._bufs, (loss_x, loss_y), ("g", "gy_new"), "gy_new")
-            if not self._accept(ok):
+            checks = [backend.check(bufs, (loss_x, loss_y), ("g", "gy_new"), "gy_new")
+                      for backend, bufs in zip(self._backends, self._replicas)]
+            if not self._accept(checks[0][0]):
                 return loss_x.detach()
             # 4. g = (1 - lam) gxt + lam gy_{t+1}
             # 5. x, s = base_step(x, s, g)
             # 6. keep gy_{t+1} and B_{t+1}
             if self.rule.fused:
-                for b in self._bufs:
-                    for seg in b.slab.segments:
-                        hp, _, lam = hyper[seg.group]
-                        self.backend.sampa_post(b, seg, self.rule, hp, self._steps[seg.group], lam)
+                for backend, bufs in zip(self._backends, self._replicas):
+                    for b in bufs:
+                        for seg in b.slab.segments:
+                            hp, _, lam = hyper[seg.group]
+                            backend.sampa_post(b, seg, self.rule, hp, self._steps[seg.group], lam)
             else:
                 self._generic_post(hyper)
-            self._gy_sq = gy_sq
+            self._gy_sqs = [sq for _, sq in checks]
             self._held = batch
             self._advance()
         return loss_x.detach()
@@ -502,29 +517,34 @@ class SAM(_FlatSharpness):
         self._ensure_grads_bound()
         with torch.no_grad():
             self._save_buffers()
-            for b in self._bufs:
-                b.x_save.copy_(b.x)
+            for bufs in self._replicas:
+                for b in bufs:
+                    b.x_save.copy_(b.x)
         try:
             loss0 = self.engine.gradient(batch, "first pass")                 # g = grad f(x, b)
             with torch.no_grad():
-                ok0, g_sq = self.backend.check(self._bufs, (loss0,), (), "g")
-                g_norm = g_sq.sqrt()
-                for b in self._bufs:                                           # xt = x + rho g/(||g||+eps)
-                    for seg in b.slab.segments:
-                        self.backend.sam_perturb(b, seg, hyper[seg.group][1], g_norm)
+                firsts = []
+                for backend, bufs in zip(self._backends, self._replicas):
+                    ok0, g_sq = backend.check(bufs, (loss0,), (), "g")
+                    firsts.append(ok0)
+                    g_norm = g_sq.sqrt()
+                    for b in bufs:                                             # xt = x + rho g/(||g||+eps)
+                        for seg in b.slab.segments:
+                            backend.sam_perturb(b, seg, hyper[seg.group][1], g_norm)
             loss = self.engine.gradient(batch, "perturbed pass")              # g = grad f(xt, b)
         except BaseException:
             self._rollback()
             raise
         with torch.no_grad():
-            ok, _ = self.backend.check(self._bufs, (loss,), ("g",), None)
-            if not self._accept(ok & ok0):
+            ok, _ = self.backend.check(self._replicas[0], (loss,), ("g",), None)
+            if not self._accept(ok & firsts[0]):
                 return loss.detach()
             if self.rule.fused:                                                # x, s = base_step(x, s, g)
-                for b in self._bufs:
-                    for seg in b.slab.segments:
-                        hp = hyper[seg.group][0]
-                        self.backend.sam_post(b, seg, self.rule, hp, self._steps[seg.group])
+                for backend, bufs in zip(self._backends, self._replicas):
+                    for b in bufs:
+                        for seg in b.slab.segments:
+                            hp = hyper[seg.group][0]
+                            backend.sam_post(b, seg, self.rule, hp, self._steps[seg.group])
             else:
                 for b in self._bufs:
                     b.x.copy_(b.x_save)

@@ -60,7 +60,7 @@ class TorchBackend:
         device = slabs[0].x.device
         ok = torch.ones((), dtype=torch.bool, device=device)
         for loss in losses:
-            ok &= torch.isfinite(loss.detach()).reshape(())
+            ok &= torch.isfinite(loss.detach()).reshape(()).to(device, non_blocking=True)
         sq = torch.zeros((), dtype=torch.float32, device=device)
         for b in slabs:
             for name in grads_attr:

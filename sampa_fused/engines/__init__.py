@@ -9,7 +9,18 @@ An engine is built with the optimizer (`opt`) and implements:
 - `gradient(batch, which) -> loss`: one pass of the user's model into `g` (SAM).
 
 Losses come back as 0-dim tensors on the device; no host synchronisation.
-Each engine lives in its own module, `engines/<name>.py`, class `ENGINES[name]`.
+
+An engine may also set `replicas`: a list of lists of `SlabBuffers`, one list
+per device (or rank) that keeps its own copy of x and the base state. The
+optimizer applies the pre- and post-gradient updates and the check to every
+replica (identical inputs give bit-identical results). Default: `[opt._bufs]`.
+After `sampa_gradients` returns, every replica's `g` must hold gxt and its
+`gy_new` must hold gy_{t+1} (the engine does the exchange), ordered on the
+streams the updates run on.
+
+Each engine lives in its own module, `engines/<name>.py`, class `ENGINES[name]`,
+and takes its options as keyword arguments (`ENGINE_OPTIONS`), which users pass
+to SAMPa/SAM directly: `SAMPa(..., engine="peer", devices=("cuda:0", "cuda:1"))`.
 """
 from __future__ import annotations
 
@@ -17,6 +28,11 @@ import importlib
 
 ENGINES = {"serial": "SerialEngine", "streams": "StreamsEngine", "peer": "PeerEngine",
            "distributed": "DistributedEngine"}
+
+
+# Keyword arguments of SAMPa/SAM that go to the engine rather than the base optimizer.
+ENGINE_OPTIONS = ("devices", "graph", "warmup_steps", "process_group", "sharded_batches",
+                  "timeout", "bucket_bytes", "overlap", "staged")
 
 
 def auto_engine(opt) -> str:
@@ -35,4 +51,10 @@ def make_engine(name: str, opt, **options):
             raise
         raise NotImplementedError(f"engine {name!r} is not available in this version of "
                                   "sampa_fused; use engine='serial'") from None
-    return getattr(module, ENGINES[name])(opt, **options)
+    cls = getattr(module, ENGINES[name])
+    import inspect
+    accepted = inspect.signature(cls.__init__).parameters
+    for key in options:
+        if key not in accepted:
+            raise TypeError(f"engine {name!r} does not take the option {key!r}")
+    return cls(opt, **options)
