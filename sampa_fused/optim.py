@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .backends import EPS, make_backend
+from .batching import micro_batches
 from .engines import ENGINE_OPTIONS, make_engine
 from .flat import Slab, build_slabs
 from .rules import GenericRule, check_group, rule_for
@@ -47,7 +48,9 @@ class _FlatSharpness(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, loss_fn: Callable, base_optimizer: type, *,
                  rho: float, lam: Optional[float], engine: str, backend: str,
-                 params=None, nonfinite: str = "raise", **base_kwargs):
+                 params=None, nonfinite: str = "raise", grad_scaler=None,
+                 max_grad_norm: Optional[float] = None, accumulation_steps: int = 1,
+                 **base_kwargs):
         cls = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{cls}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -61,6 +64,16 @@ class _FlatSharpness(torch.optim.Optimizer):
                             f"got {base_optimizer!r}")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"{cls}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if grad_scaler is not None and not (hasattr(grad_scaler, "scale") and hasattr(grad_scaler, "update")
+                                            and hasattr(grad_scaler, "_scale")):
+            raise TypeError(f"{cls}: grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"{cls}: max_grad_norm must be a number > 0 (or None), got {max_grad_norm!r}")
+        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
+            raise ValueError(f"{cls}: accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.accumulation_steps = accumulation_steps
         defaults_check = {"rho": rho, "lam": lam}
         msg = check_group(defaults_check, None, cls)
         if msg:
@@ -144,6 +157,8 @@ class _FlatSharpness(torch.optim.Optimizer):
         if self._sampa:
             named = dict(self._ymodel.named_parameters(remove_duplicate=True))
             self._yparams = [named[self._names[id(p)]] for p in params]
+            for q in self._yparams:      # optimized, so the y-pass needs its gradient
+                q.requires_grad_(True)
         for b in self._bufs:
             b.slab.gather([p.data for p in params], b.x)
             b.slab.bind_data(params, b.x)
@@ -221,9 +236,16 @@ class _FlatSharpness(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
             self._check_param(p)
+        own_replicas = getattr(self.engine, "replicas", None) is not None
+        if own_replicas and not hasattr(self.engine, "relayout"):
+            raise NotImplementedError(f"the {self.engine.name} engine does not support "
+                                      "add_param_group; create the optimizer with all groups")
         self.base.add_param_group(dict(param_group, params=params))
         self._steps.append(0)
         self._build()
+        if own_replicas:
+            self.engine.relayout()
+        self._attach_replicas()
 
     # ------------------------------------------------------- failure protocol
     def _ensure_grads_bound(self) -> None:
@@ -246,18 +268,65 @@ class _FlatSharpness(torch.optim.Optimizer):
             if self._model_buffers:
                 torch._foreach_copy_(self._model_buffers, self._saved_buffers)
 
-    def _accept(self, ok: torch.Tensor) -> bool:
-        # The one host read of a step: the finite flag, after all work is queued.
-        if bool(ok):
+    def _accept(self, loss_ok: torch.Tensor, grad_ok: torch.Tensor) -> bool:
+        """Commit or refuse the step. The one host read of a step: two flags,
+        after all work is queued. With a GradScaler, a non-finite gradient is an
+        overflow: the step is skipped and the scale backs off, as torch does."""
+        loss_ok, grad_ok = (bool(v) for v in torch.stack([loss_ok, grad_ok.to(loss_ok.device)]).tolist())
+        fine = loss_ok and grad_ok
+        overflow = loss_ok and not grad_ok and self.grad_scaler is not None
+        if fine or overflow or self.nonfinite == "skip":
+            self._update_scaler(found_inf=not fine)
+        if fine:
             return True
         self._rollback()
-        if self.nonfinite == "raise":
+        if not overflow and self.nonfinite == "raise":
+            what = "loss" if not loss_ok else "gradient"
             raise FloatingPointError(
-                f"{type(self).__name__}: non-finite loss or gradient at step {self._t}; the step was "
-                "refused and parameters, optimizer state and the held batch are unchanged. "
-                "Lower the learning rate, check the data, or pass nonfinite='skip' to skip such steps.")
+                f"{type(self).__name__}: non-finite {what} at step {self._t}; the step was refused "
+                "and parameters, optimizer state and the held batch are unchanged. Lower the "
+                "learning rate, check the data, or pass nonfinite='skip' to skip such steps.")
         self.skipped_steps += 1
         return False
+
+    # --------------------------------------------------------- mixed precision
+    def _unscale(self, names: Sequence[str]) -> None:
+        """Divide the named gradient buffers of every replica by the loss scale
+        (read from device memory: no host synchronisation)."""
+        if self.grad_scaler is None:
+            return
+        inv = self.grad_scaler._scale.double().reciprocal().float()
+        for bufs in self._replicas:
+            inv_d = inv.to(bufs[0].x.device, non_blocking=True)
+            for b in bufs:
+                for n in names:
+                    getattr(b, n).mul_(inv_d)
+
+    def _update_scaler(self, found_inf: bool) -> None:
+        scaler = self.grad_scaler
+        if scaler is None:
+            return
+        flag = torch.full((), float(found_inf), dtype=torch.float32, device=scaler._scale.device)
+        scaler._per_optimizer_states[id(self)]["found_inf_per_device"][flag.device] = flag
+        scaler.update()
+
+    def _clip(self, lams: Optional[Sequence[float]]) -> None:
+        """Clip the combined gradient (1 - lam) g + lam gy_new to max_grad_norm,
+        like torch.nn.utils.clip_grad_norm_, and leave it in g (gy_new, which is
+        kept for the next step, is not touched). Callers then combine with lam=0."""
+        for bufs in self._replicas:
+            combined = []
+            for b in bufs:
+                for seg in b.slab.segments:
+                    g = b.g[seg.start:seg.end]
+                    if lams is not None:
+                        lam = lams[seg.group]
+                        g.copy_(g.float().mul(1 - lam).add_(b.gy_new[seg.start:seg.end].float(), alpha=lam))
+                combined.append(b.g.float().square().sum())
+            norm = torch.stack(combined).sum().sqrt()
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            for b in bufs:
+                b.g.mul_(coef.to(b.g.dtype))
 
     def _advance(self) -> None:
         for gi in range(len(self._steps)):
@@ -308,6 +377,20 @@ class _FlatSharpness(torch.optim.Optimizer):
                              "(requires_grad is False): loss_fn must compute the loss with the "
                              "model it is given as first argument, under grad mode")
         return loss.reshape(())
+
+    def _forward_backward(self, model: nn.Module, batch, which: str) -> torch.Tensor:
+        """One pass for an engine: loss_fn over the micro-batches of `batch`
+        (weighted, so a mean loss matches the whole batch), each scaled by the
+        GradScaler if any, backward into the bound gradient buffer. Returns
+        the unscaled loss, detached."""
+        total = None
+        for part, weight in micro_batches(batch, self.accumulation_steps):
+            loss = self._loss(model, part, which)
+            if weight != 1.0:
+                loss = loss * weight
+            (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
 
     # ------------------------------------------------------- torch.optim API
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -373,19 +456,17 @@ class _FlatSharpness(torch.optim.Optimizer):
         self._publish_state()
 
     def _steps_from_base(self, gi: int) -> int:
+        """Step count of a group from a plain torch optimizer's state: its
+        'step' entries, or 1 for a state without them (SGD's momentum
+        buffer: started, count unknown and unused)."""
         counts = set()
         for p in self.param_groups[gi]["params"]:
             st = self.state.get(p, {})
-            if "step" in st:
-                counts.add(int(float(st["step"])))
-            elif st:
-                counts.add(-1)
-        if not counts:
-            return 0
-        if len(counts) != 1 or -1 in counts:
+            counts.add(int(float(st["step"])) if "step" in st else int(bool(st)))
+        if len(counts) > 1:
             raise ValueError(f"{type(self).__name__}.load_state_dict: param group {gi} has "
                              "parameters at different step counts; cannot continue it as one group")
-        return counts.pop()
+        return counts.pop() if counts else 0
 
     def __repr__(self) -> str:
         p = sum(b.slab.numel for b in self._bufs)
@@ -439,21 +520,27 @@ class SAMPa(_FlatSharpness):
             self._rollback()
             raise
         with torch.no_grad():
-            checks = [backend.check(bufs, (loss_x, loss_y), ("g", "gy_new"), "gy_new")
+            self._unscale(("g", "gy_new"))
+            checks = [backend.check(bufs, (), ("g", "gy_new"), "gy_new")
                       for backend, bufs in zip(self._backends, self._replicas)]
-            if not self._accept(checks[0][0]):
+            loss_ok = torch.isfinite(loss_x) & torch.isfinite(loss_y).to(loss_x.device)
+            if not self._accept(loss_ok, checks[0][0]):
                 return loss_x.detach()
             # 4. g = (1 - lam) gxt + lam gy_{t+1}
             # 5. x, s = base_step(x, s, g)
             # 6. keep gy_{t+1} and B_{t+1}
+            lams = [h[2] for h in hyper]
+            if self.max_grad_norm is not None:
+                self._clip(lams)                  # g now holds the clipped combination
+                lams = [0.0] * len(lams)
             if self.rule.fused:
                 for backend, bufs in zip(self._backends, self._replicas):
                     for b in bufs:
                         for seg in b.slab.segments:
-                            hp, _, lam = hyper[seg.group]
-                            backend.sampa_post(b, seg, self.rule, hp, self._steps[seg.group], lam)
+                            hp = hyper[seg.group][0]
+                            backend.sampa_post(b, seg, self.rule, hp, self._steps[seg.group], lams[seg.group])
             else:
-                self._generic_post(hyper)
+                self._generic_post(lams)
             self._gy_sqs = [sq for _, sq in checks]
             self._held = batch
             self._advance()
@@ -475,10 +562,10 @@ class SAMPa(_FlatSharpness):
                 x, gy = b.x[seg.start:seg.end], b.gy[seg.start:seg.end]
                 x.copy_(x.float() + (rho / (gy_norm + EPS)) * gy.float())
 
-    def _generic_post(self, hyper) -> None:
+    def _generic_post(self, lams) -> None:
         for b in self._bufs:
             for seg in b.slab.segments:
-                lam = hyper[seg.group][2]
+                lam = lams[seg.group]
                 g = b.g[seg.start:seg.end]
                 g.copy_(g.float().mul(1 - lam).add_(b.gy_new[seg.start:seg.end].float(), alpha=lam))
             b.x.copy_(b.x_save)
@@ -523,9 +610,10 @@ class SAM(_FlatSharpness):
         try:
             loss0 = self.engine.gradient(batch, "first pass")                 # g = grad f(x, b)
             with torch.no_grad():
+                self._unscale(("g",))
                 firsts = []
                 for backend, bufs in zip(self._backends, self._replicas):
-                    ok0, g_sq = backend.check(bufs, (loss0,), (), "g")
+                    ok0, g_sq = backend.check(bufs, (), ("g",), "g")
                     firsts.append(ok0)
                     g_norm = g_sq.sqrt()
                     for b in bufs:                                             # xt = x + rho g/(||g||+eps)
@@ -536,9 +624,15 @@ class SAM(_FlatSharpness):
             self._rollback()
             raise
         with torch.no_grad():
-            ok, _ = self.backend.check(self._replicas[0], (loss,), ("g",), None)
-            if not self._accept(ok & firsts[0]):
+            self._unscale(("g",))
+            ok, _ = self.backend.check(self._replicas[0], (), ("g",), None)
+            # an overflowed first gradient poisons the perturbed pass: that is
+            # the first pass's fault, not a non-finite loss
+            loss_ok = torch.isfinite(loss0) & (torch.isfinite(loss) | ~firsts[0])
+            if not self._accept(loss_ok, ok & firsts[0]):
                 return loss.detach()
+            if self.max_grad_norm is not None:
+                self._clip(None)
             if self.rule.fused:                                                # x, s = base_step(x, s, g)
                 for backend, bufs in zip(self._backends, self._replicas):
                     for b in bufs:

@@ -25,16 +25,14 @@ class SerialEngine:
         for b in opt._bufs:
             b.g.zero_()
             b.gy_new.zero_()
-        loss_x = opt._loss(opt.model, held, "x̃-pass")
-        loss_x.backward()
+        loss_x = opt._forward_backward(opt.model, held, "x̃-pass")
         ymodel = opt._ymodel
         if ymodel.training != opt.model.training:
             ymodel.train(opt.model.training)
         if opt._t == 0:
             loss_y = self._first_y_pass(batch)
         else:
-            loss_y = opt._loss(ymodel, batch, "y-pass")
-        loss_y.backward()
+            loss_y = opt._forward_backward(ymodel, batch, "y-pass")
         return loss_x, loss_y
 
     def _first_y_pass(self, batch):
@@ -46,7 +44,7 @@ class SerialEngine:
         try:
             for p in opt._params:
                 p.requires_grad_(False)
-            return opt._loss(opt._ymodel, batch, "y-pass")
+            return opt._forward_backward(opt._ymodel, batch, "y-pass")
         finally:
             for p, f in zip(opt._params, flags):
                 p.requires_grad_(f)
@@ -55,6 +53,4 @@ class SerialEngine:
         opt = self.opt
         for b in opt._bufs:
             b.g.zero_()
-        loss = opt._loss(opt.model, batch, which)
-        loss.backward()
-        return loss
+        return opt._forward_backward(opt.model, batch, which)
