@@ -109,6 +109,7 @@ class _FlatSharpness(torch.optim.Optimizer):
         self._steps: List[int] = [0] * len(self.param_groups)   # per param group
         self._held: Any = None           # the held batch B_t
         self._ymodel: Optional[nn.Module] = None
+        self._step_tensors: Dict[int, torch.Tensor] = {}   # AdamW's 'step', one per group
         self._build()
         self._model_buffers = list(model.buffers())
         self._saved_buffers = [b.clone() for b in self._model_buffers]
@@ -329,31 +330,38 @@ class _FlatSharpness(torch.optim.Optimizer):
                 b.g.mul_(coef.to(b.g.dtype))
 
     def _advance(self) -> None:
+        started = [gi for gi, n in enumerate(self._steps) if n == 0]
         for gi in range(len(self._steps)):
             self._steps[gi] += 1
+            if gi in self._step_tensors:
+                self._step_tensors[gi].fill_(float(self._steps[gi]))
         self._t += 1
-        self._publish_state()
+        if started:   # groups that just took their first step now have state to show
+            self._publish_state(started)
 
-    def _publish_state(self) -> None:
+    def _publish_state(self, groups: Optional[Sequence[int]] = None) -> None:
         """Expose the flat state in `opt.state[p]` as torch's own optimizer
-        would hold it (views, so no copies), once a group has stepped."""
+        would hold it (views, so no copies), for groups that have stepped.
+        Runs at set-up, on load and on a group's first step, not every step:
+        AdamW's 'step' is one CPU tensor per group, updated in place."""
         if not self.rule.fused:
             return
         for b in self._bufs:
             views = {n: b.slab.views(flat) for n, flat in b.state.items()}
             for k, i in enumerate(b.slab.index):
-                p = self._params[i]
                 gi = self._group_of(i)
-                st = self.state[p]
-                if self._steps[gi] == 0:
-                    st.clear()
+                if groups is not None and gi not in groups:
                     continue
-                hp = self.rule.hyper(self.param_groups[gi])
-                for n in self.rule.state_names(hp):
-                    if st.get(n) is None or st[n].data_ptr() != views[n][k].data_ptr():
-                        st[n] = views[n][k]
+                st = self.state[self._params[i]]
+                st.clear()
+                if self._steps[gi] == 0:
+                    continue
+                for n in self.rule.state_names(self.rule.hyper(self.param_groups[gi])):
+                    st[n] = views[n][k]
                 if self.rule.name == "adamw":
-                    st["step"] = torch.tensor(float(self._steps[gi]), dtype=torch.float32)
+                    step = self._step_tensors.setdefault(gi, torch.tensor(0.0, dtype=torch.float32))
+                    step.fill_(float(self._steps[gi]))
+                    st["step"] = step
 
     def _group_of(self, i: int) -> int:
         if not hasattr(self, "_group_index") or len(self._group_index) != len(self._params):
@@ -453,6 +461,7 @@ class _FlatSharpness(torch.optim.Optimizer):
         if self.rule.fused:
             for st in self.state.values():
                 st.clear()
+        self._step_tensors = {}
         self._publish_state()
 
     def _steps_from_base(self, gi: int) -> int:
@@ -497,6 +506,9 @@ class SAMPa(_FlatSharpness):
         if batch is None:
             raise TypeError("SAMPa.step(batch): pass the next batch; the optimizer calls "
                             "loss_fn(model, batch) itself (closures are not used)")
+        whole = getattr(self.engine, "whole_step", None)
+        if whole is not None:              # e.g. the streams engine replaying a CUDA graph
+            return whole(batch)
         hyper = self._hyper()
         self._ensure_grads_bound()
         held = batch if self._held is None else self._held          # first call: B_0 = B_1
@@ -600,6 +612,9 @@ class SAM(_FlatSharpness):
         if batch is None:
             raise TypeError("SAM.step(batch): pass the batch; the optimizer calls "
                             "loss_fn(model, batch) itself (closures are not used)")
+        whole = getattr(self.engine, "whole_step", None)
+        if whole is not None:              # e.g. the streams engine replaying a CUDA graph
+            return whole(batch)
         hyper = self._hyper()
         self._ensure_grads_bound()
         with torch.no_grad():

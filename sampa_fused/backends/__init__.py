@@ -23,9 +23,17 @@ import torch
 EPS = 1e-12
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def make_backend(name: str, device: torch.device):
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if name == "torch":
         from .torch_backend import TorchBackend
         return TorchBackend()
