@@ -26,6 +26,9 @@ def plan_layout_py(numels: Sequence[int], keys: Sequence[int], aligns: Sequence[
     size per slab); slabs are numbered in order of first appearance.
     Mirrors `sampa_fused._C.plan_layout`.
     """
+    if not len(numels) == len(keys) == len(aligns):
+        raise ValueError(f"plan_layout: numels, keys and aligns differ in length "
+                         f"({len(numels)}, {len(keys)}, {len(aligns)})")
     slab_of_key: Dict[int, int] = {}
     sizes: List[int] = []
     slab_ids, offsets = [], []

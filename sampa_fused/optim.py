@@ -463,6 +463,8 @@ class _FlatSharpness(torch.optim.Optimizer):
                 st.clear()
         self._step_tensors = {}
         self._publish_state()
+        # engines keeping copies of x elsewhere take the loaded values too
+        getattr(self.engine, "sync_replicas", lambda: None)()
 
     def _steps_from_base(self, gi: int) -> int:
         """Step count of a group from a plain torch optimizer's state: its
