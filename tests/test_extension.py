@@ -1,0 +1,217 @@
+"""The compiled extension sampa_fused._C and its build.
+
+CI builds it first (`pip install --no-build-isolation -e .`) and sets
+SAMPA_REQUIRE_EXT=1, so a broken build fails here instead of skipping. The
+CUDA source is compiled with nvcc wherever nvcc exists (compile only), so
+CUDA code that does not compile fails CI on machines without a GPU too.
+"""
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sampa_fused import _ext, flat
+from sampa_fused.flat import build_slabs, plan_layout_py
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRE = os.environ.get("SAMPA_REQUIRE_EXT", "0") not in ("", "0")
+
+
+@pytest.fixture(scope="module")
+def C():
+    try:
+        import sampa_fused._C as mod
+    except ImportError as e:
+        if REQUIRE:
+            pytest.fail(f"SAMPA_REQUIRE_EXT is set but sampa_fused._C does not import: {e}")
+        pytest.skip(f"sampa_fused._C is not built ({e}); build it with "
+                    "`pip install --no-build-isolation -e .`")
+    return mod
+
+
+def test_extension_loads(C):
+    assert _ext.load_extension() is C
+    assert isinstance(C.has_cuda(), bool)
+    if torch.version.cuda is None:            # a CPU torch can only build the C++ part
+        assert C.has_cuda() is False
+    assert _ext.has_cuda_ops() == C.has_cuda()
+    if not C.has_cuda():
+        assert C.device_count() == 0
+
+
+def _random_case(rng: random.Random, n: int):
+    keys = [rng.choice([0, 1, 2, 7, -3, 2 ** 40]) for _ in range(n)]
+    numels = [rng.choice([0, 1, 3, rng.randrange(1, 5000), rng.randrange(1, 2 ** 33)])
+              for _ in range(n)]
+    aligns = [rng.choice([1, 2, 4, 8, 16, 3, 1000]) for _ in range(n)]
+    return numels, keys, aligns
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_layout_matches_python(C, seed):
+    rng = random.Random(seed)
+    for n in (0, 1, 2, 17, 300):
+        numels, keys, aligns = _random_case(rng, n)
+        got = C.plan_layout(numels, keys, aligns)
+        assert tuple(got) == plan_layout_py(numels, keys, aligns)
+        # aligned offsets, no overlaps within a slab
+        ids, offs, sizes = got
+        ends = {}
+        for s, o, m, a in zip(ids, offs, numels, aligns):
+            assert o % a == 0 and o >= ends.get(s, 0)
+            ends[s] = o + m
+        assert [ends.get(s, 0) for s in range(len(sizes))] == sizes
+
+
+@pytest.mark.parametrize("numels,aligns", [([4, -1], [1, 1]), ([4, 2], [1, 0]), ([3], [-8])])
+def test_plan_layout_rejects_bad_entries_like_python(C, numels, aligns):
+    keys = [0] * len(numels)
+    with pytest.raises(ValueError) as py_err:
+        plan_layout_py(numels, keys, aligns)
+    with pytest.raises(ValueError) as c_err:
+        C.plan_layout(numels, keys, aligns)
+    assert str(c_err.value) == str(py_err.value)
+
+
+def test_plan_layout_rejects_mismatched_lengths(C):
+    with pytest.raises(ValueError, match="same length"):
+        C.plan_layout([1, 2], [0], [1, 1])
+
+
+def test_build_slabs_uses_extension_with_same_result(C, monkeypatch):
+    torch.manual_seed(0)
+    ts = [torch.empty(int(torch.randint(1, 50, (1,))), dtype=dt)
+          for dt in (torch.float32, torch.float16, torch.float32, torch.bfloat16, torch.float64) * 3]
+    groups = [i % 3 for i in range(len(ts))]
+    calls = []
+    real = C.plan_layout
+    monkeypatch.setattr(_ext, "_ext", type("Spy", (), {
+        "plan_layout": staticmethod(lambda *a: calls.append(1) or real(*a))}))
+    with_ext = build_slabs(ts, groups)
+    assert calls, "flat.plan_layout did not use the extension"
+    monkeypatch.setattr(_ext, "_ext", None)
+    monkeypatch.setattr(_ext, "_error", ImportError("simulated: not built"))
+    without = build_slabs(ts, groups)
+    assert [(s.dtype, s.numel, s.index, s.offsets, [(g.group, g.start, g.end) for g in s.segments])
+            for s in with_ext] == \
+           [(s.dtype, s.numel, s.index, s.offsets, [(g.group, g.start, g.end) for g in s.segments])
+            for s in without]
+    assert flat.plan_layout([5], [0], [4]) == plan_layout_py([5], [0], [4])
+
+
+def test_missing_extension_message(monkeypatch):
+    monkeypatch.setattr(_ext, "_ext", None)
+    monkeypatch.setattr(_ext, "_error", ImportError("simulated: not built"))
+    assert _ext.load_extension(required=False) is None
+    assert _ext.has_cuda_ops() is False
+    with pytest.raises(RuntimeError, match="the peer engine needs the compiled extension.*"
+                                           "no-build-isolation"):
+        _ext.load_extension(feature="the peer engine")
+
+
+def test_cpu_build_refuses_cuda_features_clearly(C):
+    if C.has_cuda():
+        pytest.skip("built with the CUDA part")
+    t = torch.zeros(4)
+    for call in (lambda: C.PeerLink(0, 1, -1, -1, False, 1 << 20),
+                 lambda: C.can_access_peer(0, 1),
+                 lambda: C.enable_peer_access(0, 1)):
+        with pytest.raises(RuntimeError, match="built without its CUDA part.*no-build-isolation"):
+            call()
+    with pytest.raises(ValueError, match="CUDA tensor"):       # checked before the stream
+        C.memcpy_async(t, t)
+
+
+# ---------------------------------------------------------------- the CUDA source
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(home) / "bin" / "nvcc"
+    return str(candidate) if candidate.exists() else shutil.which("nvcc")
+
+
+def _symbols(path):
+    """Global functions of namespace sampa_cuda defined in an object or library."""
+    out = subprocess.run(["nm", "-C", "--defined-only", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    found = set()
+    for line in out.splitlines():
+        m = re.match(r"^[0-9a-f]+ T (sampa_cuda::[^\[]*?)\s*$", line)
+        if m and "(anonymous namespace)" not in m.group(1) and "LinkImpl::" not in m.group(1):
+            found.add(m.group(1))
+    return found
+
+
+@pytest.fixture(scope="module")
+def cuda_object(tmp_path_factory):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME): the CUDA source cannot be compile-checked")
+    obj = tmp_path_factory.mktemp("nvcc") / "sampa_fused_cuda.o"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [nvcc, "-std=c++17", "-O2", "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           "-c", str(ROOT / "csrc" / "sampa_fused_cuda.cu"), "-o", str(obj)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"nvcc failed on csrc/sampa_fused_cuda.cu:\n{res.stderr[-4000:]}"
+    return obj
+
+
+def test_cuda_source_compiles(cuda_object):
+    assert cuda_object.stat().st_size > 0
+
+
+def test_cuda_source_defines_what_the_bindings_call(C, cuda_object):
+    """The bindings declare the CUDA functions themselves (two files, no shared
+    header): every one they need must be defined, with the same signature, by
+    the .cu file, or a CUDA build would fail to load with an undefined symbol."""
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) not found")
+    needed = _symbols(C.__file__)
+    assert len(needed) >= 10, needed           # the declared list, stubbed or real
+    missing = needed - _symbols(cuda_object)
+    assert not missing, f"declared in csrc/sampa_fused.cpp, not defined in the .cu: {missing}"
+
+
+# ---------------------------------------------------------------- setup.py
+def _setup(*args, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "setup.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=full_env, timeout=300)
+
+
+def test_setup_metadata():
+    res = _setup("--name", "--version")
+    assert res.returncode == 0, res.stderr
+    name, version = res.stdout.split()[-2:]
+    import sampa_fused
+    assert name == "sampa-fused" and version == sampa_fused.__version__
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"SAMPA_FUSED_BUILD": "fast"}, "SAMPA_FUSED_BUILD must be one of"),
+])
+def test_setup_refuses_bad_mode(env, match):
+    res = _setup("--name", env=env)
+    assert res.returncode != 0 and re.search(match, res.stderr)
+
+
+def test_setup_cuda_mode_says_what_is_missing():
+    if torch.version.cuda is not None and _nvcc() is not None:
+        pytest.skip("this machine can build the CUDA extension")
+    res = _setup("--name", env={"SAMPA_FUSED_BUILD": "cuda"})
+    assert res.returncode != 0 and "SAMPA_FUSED_BUILD=cuda needs" in res.stderr
+
+
+def test_setup_without_torch_says_how_to_build(tmp_path):
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('simulated: torch hidden by build isolation')")
+    res = _setup("--name", env={"PYTHONPATH": str(tmp_path)})
+    assert res.returncode != 0 and "--no-build-isolation" in res.stderr
+    ok = _setup("--name", env={"PYTHONPATH": str(tmp_path), "SAMPA_FUSED_BUILD": "none"})
+    assert ok.returncode == 0 and "sampa-fused" in ok.stdout
