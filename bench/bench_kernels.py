@@ -1,0 +1,615 @@
+"""Bandwidth of the fused Triton kernels, and the elementwise part of one SAMPa
+step against per-parameter and foreach implementations of the same math.
+
+Part 1, kernels: achieved GB/s of each kernel of backend="triton" on flat fp32
+buffers of P elements, next to a plain device-to-device copy (`dst.copy_(src)`)
+moving the same number of bytes. Bytes are counted as in SPEC section 3: every
+buffer a kernel reads plus every buffer it writes, P elements each (so a copy
+of P elements moves 2P). Steady state (not the first step), SGD with
+momentum 0.9 and weight decay, AdamW without amsgrad:
+
+    sgd_pre      reads x, gy, buf               writes x_save, xt, y     6 passes
+    sgd_post     reads x_save, g, gy_new, buf   writes x, buf, gy        7
+    adamw_pre    reads x, gy, m, v              writes x_save, xt, y     7
+    adamw_post   reads x_save, g, gy_new, m, v  writes x, m, v, gy       9
+    sam_perturb  reads x, g                     writes x                 3
+    sam_post     reads x_save, g, buf           writes x, buf            5
+    check        reads g, gy_new (finite check and ||gy_new||^2)         2
+
+Part 2, steps: the whole elementwise part of one SAMPa step (pre-gradient
+update, check, post-gradient update; SGD momentum 0.9, weight decay 5e-4,
+rho 0.05, lam 0.2) on the parameter shapes of
+    resnet56  ResNet-56 for CIFAR: 167 tensors, 0.853M parameters
+    100m      8 transformer blocks of width 1024: 96 tensors, 100.8M parameters
+as
+    fused     backend="triton" on flat buffers (what SAMPa runs on CUDA)
+    flat      backend="torch" on flat buffers (the reference backend)
+    foreach   the same math over per-tensor lists with torch._foreach_* ops
+    loop      the published reference script's pattern (SPEC section 6): Python
+              loops over tensors, torch.cat of gradients, parameters moved
+              there and back by add/sub, torch.optim.SGD (default settings)
+              for the step; the two ranks' work and the all-reduce (a sum)
+              run one after the other on one device.
+A step time is wall-clock over back-to-back steps with the device synchronised
+only before and after, so it counts launch overhead as a training loop sees it.
+
+    python bench/bench_kernels.py                          # CUDA: P = 1e5 .. 2.5e8, both lists
+    python bench/bench_kernels.py --device cpu             # Triton interpreter, small sizes
+    python bench/bench_kernels.py --sizes 1e6,6.4e7 --lists resnet56 --block 4096 --num-warps 8
+
+Writes bench/results/<device-name>-kernels.json and .png.
+Targets (H100): >= 90% of copy bandwidth for P >= 64M; on resnet56 fused >= 10x
+faster than loop and >= 2x faster than foreach. On CPU the kernels run in
+Triton's interpreter: the numbers only show that the script works.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+RHO, LAM, LR, MOMENTUM, WD = 0.05, 0.2, 0.05, 0.9, 5e-4
+EPS = 1e-12
+
+KERNEL_PASSES = {"sgd_pre": 6, "sgd_post": 7, "adamw_pre": 7, "adamw_post": 9,
+                 "sam_perturb": 3, "sam_post": 5, "check": 2}
+STEP_METHODS = ("fused", "flat", "foreach", "loop")
+
+
+def _setup_env(device: str) -> None:
+    """The interpreter must be chosen before triton (and our kernels) are imported."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        import sampa_fused  # noqa: F401
+    except ImportError:      # run from a checkout without installing the package
+        sys.path.insert(0, str(HERE.parent))
+
+
+# ---------------------------------------------------------------- shapes
+def param_shapes(name: str) -> List[Tuple[int, ...]]:
+    if name == "resnet56":
+        shapes: List[Tuple[int, ...]] = [(16, 3, 3, 3), (16,), (16,)]
+        c_in = 16
+        for c in (16, 32, 64):
+            for _ in range(9):
+                shapes += [(c, c_in, 3, 3), (c,), (c,), (c, c, 3, 3), (c,), (c,)]
+                c_in = c
+        return shapes + [(10, 64), (10,)]
+    if name == "100m":
+        d, shapes = 1024, []
+        for _ in range(8):
+            shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,),
+                       (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+        return shapes
+    if name == "tiny":                       # for quick smoke runs
+        return [(37, 13), (37,), (5, 37), (5,), (1,)]
+    raise ValueError(f"unknown parameter list {name!r}: choose resnet56, 100m or tiny")
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------- timing
+def timer(device):
+    import torch
+    if device.type == "cuda":
+        def run(fn: Callable, warmup: int, reps: int, inner: int = 1) -> float:
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize(device)
+            times = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / inner)
+            return statistics.median(times)
+    else:
+        def run(fn: Callable, warmup: int, reps: int, inner: int = 1) -> float:
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                times.append((time.perf_counter() - t0) / inner)
+            return statistics.median(times)
+    return run
+
+
+def wall(device, fn: Callable, warmup: int, reps: int) -> float:
+    """Seconds per call over `reps` back-to-back calls, synchronised only at the ends."""
+    import torch
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+# ---------------------------------------------------------------- flat buffers
+def flat_buffers(shapes, device, dtype, state_names, seed=0):
+    """SlabBuffers over `shapes` with random contents (one slab, one group)."""
+    import torch
+    from sampa_fused.flat import build_slabs
+    from sampa_fused.optim import SlabBuffers
+    tensors = [torch.empty(s, device="meta", dtype=dtype) for s in shapes]
+    slab, = build_slabs(tensors, [0] * len(tensors))
+    slab.device = torch.device(device)
+    b = SlabBuffers(slab, True, list(state_names))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name in ("x", "x_save", "g", "y", "gy_new", "gy"):
+        getattr(b, name).normal_(generator=gen)
+    for name, t in b.state.items():
+        t.normal_(generator=gen)
+        if "sq" in name:
+            t.abs_()
+    return b
+
+
+def sgd_hp():
+    from sampa_fused.rules import SGDRule
+    return SGDRule.hyper(dict(lr=LR, momentum=MOMENTUM, dampening=0.0, nesterov=False,
+                              weight_decay=WD, maximize=False))
+
+
+def adamw_hp():
+    from sampa_fused.rules import AdamWRule
+    return AdamWRule.hyper(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                                amsgrad=False, maximize=False))
+
+
+def kernel_calls(P: int, device, backend) -> Tuple[Dict[str, Callable], list]:
+    """One callable per kernel on fp32 buffers of P elements (steady state: step 3)."""
+    import torch
+    from sampa_fused.rules import AdamWRule, SGDRule
+    bs = flat_buffers([(P,)], device, torch.float32, ["momentum_buffer"])
+    ba = flat_buffers([(P,)], device, torch.float32, ["exp_avg", "exp_avg_sq"], seed=1)
+    bs.g.mul_(1e-3)                    # keep repeated in-place steps finite
+    ba.g.mul_(1e-3)
+    seg_s, seg_a = bs.slab.segments[0], ba.slab.segments[0]
+    norm = torch.tensor(3.0, device=device)
+    hs, ha = sgd_hp(), adamw_hp()
+    calls = {
+        "sgd_pre": lambda: backend.sampa_pre(bs, seg_s, SGDRule, hs, 3, RHO, norm),
+        "sgd_post": lambda: backend.sampa_post(bs, seg_s, SGDRule, hs, 3, LAM),
+        "adamw_pre": lambda: backend.sampa_pre(ba, seg_a, AdamWRule, ha, 3, RHO, norm),
+        "adamw_post": lambda: backend.sampa_post(ba, seg_a, AdamWRule, ha, 3, LAM),
+        "sam_perturb": lambda: backend.sam_perturb(bs, seg_s, RHO, norm),
+        "sam_post": lambda: backend.sam_post(bs, seg_s, SGDRule, hs, 3),
+        "check": lambda: backend.check([bs], (), ("g", "gy_new"), "gy_new"),
+    }
+    return calls, [bs, ba]
+
+
+def bench_kernels(device, sizes: Sequence[int], backend, warmup: int, reps: int, inner: int,
+                  log=print) -> List[dict]:
+    import torch
+    run = timer(device)
+    rows = []
+    for P in sizes:
+        calls, keep = kernel_calls(P, device, backend)
+        copy_cache: Dict[int, float] = {}
+        for name, fn in calls.items():
+            passes = KERNEL_PASSES[name]
+            nbytes = passes * P * 4
+            t = run(fn, warmup, reps, inner)
+            if passes not in copy_cache:     # a copy moving the same bytes: read n, write n
+                n = (passes * P + 1) // 2
+                src = torch.randn(n, device=device)
+                dst = torch.empty_like(src)
+                copy_cache[passes] = run(lambda: dst.copy_(src), warmup, reps, inner)
+                del src, dst
+            tc = copy_cache[passes]
+            row = dict(kernel=name, P=P, bytes=nbytes, time_s=t, GBps=nbytes / t / 1e9,
+                       copy_time_s=tc, copy_GBps=nbytes / tc / 1e9, fraction_of_copy=tc / t)
+            rows.append(row)
+            log(f"  P={P:>11,d} {name:<12} {t * 1e6:10.1f} us {row['GBps']:8.1f} GB/s "
+                f"(copy {row['copy_GBps']:8.1f} GB/s, {100 * row['fraction_of_copy']:5.1f}%)")
+        del calls, keep
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- steps
+class FlatStep:
+    """The elementwise part of one SAMPa step as the optimizer runs it on flat
+    buffers: pre-gradient update per segment, check, post-gradient update."""
+
+    def __init__(self, shapes, device, backend):
+        import torch
+        from sampa_fused.rules import SGDRule
+        self.b = flat_buffers(shapes, device, torch.float32, ["momentum_buffer"])
+        self.b.g.mul_(1e-3)
+        self.b.gy.mul_(1e-3)
+        self.b.gy_new.mul_(1e-3)
+        self.backend, self.rule, self.hp = backend, SGDRule, sgd_hp()
+        self.gy_sq = self.b.gy.square().sum()
+        self.step_count = 1
+
+    def load(self, x, buf, gy, g, gy_new):
+        """Dense P-vectors into the (padded) flat buffers; padding set to 0."""
+        b = self.b
+        for dst, src in ((b.x, x), (b.state["momentum_buffer"], buf), (b.gy, gy), (b.g, g),
+                         (b.gy_new, gy_new)):
+            dst.zero_()
+            off = 0
+            for v in b.slab.views(dst):
+                v.copy_(src[off:off + v.numel()].view_as(v))
+                off += v.numel()
+        self.gy_sq = b.gy.square().sum()
+
+    def step(self):
+        b, backend = self.b, self.backend
+        gy_norm = self.gy_sq.sqrt()
+        for seg in b.slab.segments:
+            backend.sampa_pre(b, seg, self.rule, self.hp, self.step_count, RHO, gy_norm)
+        # (the two gradient passes run here)
+        ok, sq = backend.check([b], (), ("g", "gy_new"), "gy_new")
+        for seg in b.slab.segments:
+            backend.sampa_post(b, seg, self.rule, self.hp, self.step_count, LAM)
+        self.gy_sq = sq
+
+    def flat_x(self):
+        return __import__("torch").cat([v.flatten() for v in self.b.slab.views(self.b.x)])
+
+
+class ForeachStep:
+    """The same math over per-tensor lists with torch._foreach_* ops."""
+
+    def __init__(self, shapes, device):
+        import torch
+        self.torch = torch
+        mk = lambda: [torch.randn(s, device=device) for s in shapes]  # noqa: E731
+        self.x, self.x_save, self.y, self.buf = mk(), mk(), mk(), mk()
+        self.gy, self.g, self.gy_new = mk(), mk(), mk()
+
+    def load(self, x, buf, gy, g, gy_new):
+        for dst, src in ((self.x, x), (self.buf, buf), (self.gy, gy), (self.g, g), (self.gy_new, gy_new)):
+            off = 0
+            for t in dst:
+                t.copy_(src[off:off + t.numel()].view_as(t))
+                off += t.numel()
+
+    def step(self):
+        torch = self.torch
+        fe = torch
+        gy_norm = torch.linalg.vector_norm(torch.stack(fe._foreach_norm(self.gy)))
+        scale = RHO / (gy_norm + EPS)
+        fe._foreach_copy_(self.x_save, self.x)
+        d = fe._foreach_add(self.gy, self.x, alpha=WD)                        # peek
+        nb = fe._foreach_mul(self.buf, MOMENTUM)
+        fe._foreach_add_(nb, d, alpha=1.0)
+        fe._foreach_copy_(self.y, fe._foreach_add(self.x, nb, alpha=-LR))
+        fe._foreach_add_(self.x, fe._foreach_mul(self.gy, scale))             # xt
+        # (the two gradient passes run here)
+        finite = torch.isfinite(torch.stack(fe._foreach_norm(self.g))).all()  # check
+        sq = torch.stack(fe._foreach_norm(self.gy_new)).square().sum()
+        ok = finite & torch.isfinite(sq)  # noqa: F841
+        gt = fe._foreach_mul(self.g, 1 - LAM)                                 # mix
+        fe._foreach_add_(gt, self.gy_new, alpha=LAM)
+        fe._foreach_add_(gt, self.x_save, alpha=WD)                           # base step
+        fe._foreach_mul_(self.buf, MOMENTUM)
+        fe._foreach_add_(self.buf, gt, alpha=1.0)
+        fe._foreach_copy_(self.x, self.x_save)
+        fe._foreach_add_(self.x, self.buf, alpha=-LR)
+        fe._foreach_copy_(self.gy, self.gy_new)                               # commit
+
+    def flat_x(self):
+        return self.torch.cat([t.flatten() for t in self.x])
+
+
+class LoopStep:
+    """SPEC section 6: the published script's per-parameter pattern, both
+    ranks' work on one device, the all-reduce replaced by a sum."""
+
+    def __init__(self, shapes, device):
+        import torch
+        self.torch = torch
+        self.params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]   # rank 0
+        self.yparams = [torch.nn.Parameter(p.detach().clone()) for p in self.params]        # rank 1
+        for p, q in zip(self.params, self.yparams):
+            p.grad, q.grad = torch.randn_like(p), torch.randn_like(p)
+        self.opt = torch.optim.SGD(self.params, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+        P = sum(p.numel() for p in self.params)
+        self.reduced = torch.randn(P, device=device)      # last step's all-reduced gradient
+        self.gx_part = torch.randn(P, device=device)      # rank 0's share of it
+        self.fresh_g = [p.grad.clone() for p in self.params]
+        self.fresh_gy = [q.grad.clone() for q in self.yparams]
+
+    def load(self, x, buf, gy, g, gy_new):
+        torch = self.torch
+        views = lambda flat: [flat[o:o + p.numel()].view_as(p) for p, o in zip(self.params, self._offsets())]  # noqa: E731
+        with torch.no_grad():
+            for p, q, v in zip(self.params, self.yparams, views(x)):
+                p.copy_(v)
+                q.copy_(v)
+        for p, v in zip(self.params, views(buf)):
+            self.opt.state[p]["momentum_buffer"] = v.clone()
+        self.fresh_g = [v.clone() for v in views(g)]
+        self.fresh_gy = [v.clone() for v in views(gy_new)]
+        # gy_t is recovered from last step's reduced buffer: reduced = (1-lam) gx + lam gy
+        self.gx_part = torch.zeros_like(gy)
+        self.reduced = (gy * LAM).clone()
+
+    def _offsets(self):
+        out, off = [], 0
+        for p in self.params:
+            out.append(off)
+            off += p.numel()
+        return out
+
+    def step(self):
+        torch = self.torch
+        params, yparams = self.params, self.yparams
+        with torch.no_grad():
+            # rank 0: gy from the last reduced buffer, its norm, xt by a loop
+            gy = (self.reduced - self.gx_part) / LAM
+            scale = RHO / (gy.norm() + EPS)
+            off = 0
+            for p in params:
+                n = p.numel()
+                p.add_(gy[off:off + n].view_as(p) * scale)
+                off += n
+            # rank 1: the peek as the published script builds it (wd * p + momentum * buf
+            # per tensor, torch.cat), subtracted by a loop
+            d = torch.cat([(WD * p + MOMENTUM * self.opt.state[p]["momentum_buffer"]).view(-1)
+                           if "momentum_buffer" in self.opt.state[p] else (WD * p).view(-1)
+                           for p in params])
+            off = 0
+            for q in yparams:
+                n = q.numel()
+                q.sub_(LR * d[off:off + n].view_as(q))
+                off += n
+        # (the two gradient passes run here: they fill p.grad and q.grad)
+        for p, q, g, gyn in zip(params, yparams, self.fresh_g, self.fresh_gy):
+            p.grad, q.grad = g, gyn
+        with torch.no_grad():
+            gx = torch.cat([p.grad.view(-1) for p in params]) * (1 - LAM)
+            gyl = torch.cat([q.grad.view(-1) for q in yparams]) * LAM
+            reduced = gx + gyl                                           # all_reduce(SUM)
+            off = 0
+            for p, q in zip(params, yparams):                            # restore, grads as views
+                n = p.numel()
+                p.sub_(gy[off:off + n].view_as(p) * scale)
+                q.add_(LR * d[off:off + n].view_as(q))
+                p.grad = reduced[off:off + n].view_as(p)
+                off += n
+        self.opt.step()
+        self.opt.zero_grad()
+        self.reduced, self.gx_part = reduced, gx
+
+    def flat_x(self):
+        return self.torch.cat([p.detach().flatten() for p in self.params])
+
+
+def bench_steps(device, lists: Sequence[str], backend, warmup: int, reps: int, log=print,
+                methods: Sequence[str] = STEP_METHODS) -> List[dict]:
+    import torch
+    from sampa_fused.backends.torch_backend import TorchBackend
+    rows = []
+    for name in lists:
+        shapes = param_shapes(name)
+        P = sum(numel(s) for s in shapes)
+        gen = torch.Generator(device=device).manual_seed(7)
+        init = [torch.randn(P, device=device, generator=gen) * s for s in (1.0, 1e-2, 1e-3, 1e-3, 1e-3)]
+        steppers = {}
+        for m in methods:
+            if m == "fused":
+                st = FlatStep(shapes, device, backend)
+            elif m == "flat":
+                st = FlatStep(shapes, device, TorchBackend())
+            elif m == "foreach":
+                st = ForeachStep(shapes, device)
+            elif m == "loop":
+                st = LoopStep(shapes, device)
+            else:
+                raise ValueError(f"unknown step method {m!r}: choose from {STEP_METHODS}")
+            steppers[m] = st
+        # Same math: one step from the same state lands on the same x.
+        xs = {}
+        for m, st in steppers.items():
+            st.load(*init)
+            st.step()
+            xs[m] = st.flat_x()
+        ref = xs.get("flat")
+        times = {}
+        for m, st in steppers.items():
+            times[m] = wall(device, st.step, warmup, reps)
+        for m in steppers:
+            diff = None if ref is None else ((xs[m] - ref).abs().max() / ref.abs().max()).item()
+            row = dict(list=name, params=P, tensors=len(shapes), method=m, time_s=times[m],
+                       max_rel_diff_vs_flat=diff)
+            for other in ("loop", "foreach"):
+                if other in times:
+                    row[f"speedup_vs_{other}"] = times[other] / times[m]
+            rows.append(row)
+            log(f"  {name:<9} {m:<8} {times[m] * 1e6:12.1f} us/step"
+                + (f"  (x vs flat: {diff:.1e})" if diff is not None else "")
+                + "".join(f"  {times[o] / times[m]:6.2f}x vs {o}" for o in ("loop", "foreach") if o in times))
+        del steppers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- output
+def device_name(device) -> str:
+    import torch
+    if device.type == "cuda":
+        raw = torch.cuda.get_device_name(device)
+    else:
+        raw = "cpu-interpreter"
+    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+
+
+def targets(kernels: List[dict], steps: List[dict], gpu: bool) -> dict:
+    """The H100 targets, as met / not met (None: not measured, or not on a GPU,
+    where they do not apply)."""
+    big = [r["fraction_of_copy"] for r in kernels if r["P"] >= 64_000_000]
+    out = {"evaluated_on_gpu": gpu, "min_fraction_of_copy_P_ge_64M": min(big) if big else None}
+    out["bandwidth_ge_90pct"] = (min(big) >= 0.9) if big and gpu else None
+    fused = [r for r in steps if r["list"] == "resnet56" and r["method"] == "fused"]
+    if fused:
+        out["resnet56_speedup_vs_loop"] = fused[0].get("speedup_vs_loop")
+        out["resnet56_speedup_vs_foreach"] = fused[0].get("speedup_vs_foreach")
+        sl, sf = out["resnet56_speedup_vs_loop"], out["resnet56_speedup_vs_foreach"]
+        out["resnet56_ge_10x_loop"] = None if sl is None or not gpu else sl >= 10
+        out["resnet56_ge_2x_foreach"] = None if sf is None or not gpu else sf >= 2
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kernels, steps = result["kernels"], result["steps"]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    names = list(dict.fromkeys(r["kernel"] for r in kernels))
+    for i, k in enumerate(names):
+        rs = [r for r in kernels if r["kernel"] == k]
+        c = f"C{i}"
+        axes[0].plot([r["P"] for r in rs], [r["GBps"] for r in rs], "o-", color=c, label=k)
+        axes[1].plot([r["P"] for r in rs], [100 * r["fraction_of_copy"] for r in rs], "o-", color=c, label=k)
+    ref = [r for r in kernels if r["kernel"] == names[0]] if names else []
+    if ref:
+        axes[0].plot([r["P"] for r in ref], [r["copy_GBps"] for r in ref], "k--",
+                     label=f"copy (bytes of {names[0]})")
+    axes[0].set(xscale="log", yscale="log", xlabel="P (fp32 elements)", ylabel="GB/s", title="Fused kernels")
+    axes[1].axhline(90, color="k", ls=":", lw=1)
+    axes[1].set(xscale="log", xlabel="P (fp32 elements)", ylabel="% of copy bandwidth (same bytes)",
+                title="Fraction of a device-to-device copy")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    lists = list(dict.fromkeys(r["list"] for r in steps))
+    methods = list(dict.fromkeys(r["method"] for r in steps))
+    w = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        vals = [next((r["time_s"] * 1e6 for r in steps if r["list"] == l and r["method"] == m), 0)
+                for l in lists]
+        axes[2].bar([i + j * w for i in range(len(lists))], vals, w, label=m)
+    axes[2].set_xticks([i + w * (len(methods) - 1) / 2 for i in range(len(lists))])
+    axes[2].set_xticklabels(lists)
+    axes[2].set(yscale="log", ylabel="us per step (elementwise part)", title="One SAMPa step")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"{result['device_name']}  torch {result['torch']}  triton {result['triton']}"
+                 + ("  (Triton interpreter)" if result["interpreter"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_sizes(text: str) -> List[int]:
+    try:
+        return [int(float(s)) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--sizes takes numbers separated by commas, like 1e5,1e6,6.4e7; got {text!r}")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    ap.add_argument("--sizes", default=None,
+                    help="P values for the kernel part (default: 1e5..2.5e8 on CUDA, 1e4,1e5 on CPU)")
+    ap.add_argument("--lists", default=None,
+                    help="parameter lists for the step part: resnet56,100m,tiny (default: "
+                         "resnet56,100m on CUDA, resnet56 on CPU); 'none' to skip")
+    ap.add_argument("--methods", default=",".join(STEP_METHODS), help="step methods to time")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--inner", type=int, default=None, help="kernel calls per timed repetition")
+    ap.add_argument("--block", type=int, default=None, help="elements per program (elementwise kernels)")
+    ap.add_argument("--num-warps", type=int, default=None)
+    ap.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+
+    dev_text = args.device
+    if dev_text is None:
+        import torch
+        dev_text = "cuda" if torch.cuda.is_available() else "cpu"
+    _setup_env("cpu" if dev_text.startswith("cpu") else "cuda")
+    import dataclasses
+
+    import torch
+    import triton
+    from sampa_fused.backends.triton_backend import TritonBackend
+    from sampa_fused.kernels import default_config
+
+    device = torch.device(dev_text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available here; use --device cpu")
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    cpu = device.type == "cpu"
+    torch.manual_seed(0)
+    if cpu:
+        torch.set_num_threads(1)      # shared CPUs: threads only add noise at these sizes
+    sizes = parse_sizes(args.sizes) if args.sizes else (
+        [10_000, 100_000] if cpu else
+        [100_000, 1_000_000, 4_000_000, 16_000_000, 64_000_000, 100_000_000, 250_000_000])
+    lists = (args.lists or ("resnet56" if cpu else "resnet56,100m"))
+    lists = [] if lists == "none" else [s for s in lists.split(",") if s]
+    for name in lists:
+        param_shapes(name)
+    methods = [m for m in args.methods.split(",") if m]
+    warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
+    reps = args.reps if args.reps is not None else (3 if cpu else 20)
+    inner = args.inner if args.inner is not None else (1 if cpu else 5)
+
+    cfg = default_config(device)
+    changes = {k: v for k, v in (("block", args.block), ("num_warps", args.num_warps)) if v is not None}
+    cfg = dataclasses.replace(cfg, **changes)
+    backend = TritonBackend(device, cfg)
+
+    print(f"device {device} ({device_name(device)}), torch {torch.__version__}, triton {triton.__version__}, "
+          f"config {cfg}")
+    print("kernels:")
+    krows = bench_kernels(device, sizes, backend, warmup, reps, inner)
+    print("steps:")
+    srows = bench_steps(device, lists, backend, warmup, max(reps, 3), methods=methods)
+    result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
+                  triton=triton.__version__, python=platform.python_version(),
+                  interpreter=bool(cpu), config=dataclasses.asdict(cfg),
+                  settings=dict(warmup=warmup, reps=reps, inner=inner, rho=RHO, lam=LAM, lr=LR,
+                                momentum=MOMENTUM, weight_decay=WD),
+                  kernel_passes=KERNEL_PASSES, kernels=krows, steps=srows)
+    result["targets"] = targets(krows, srows, gpu=not cpu)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{device_name(device)}-kernels"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {stem.with_suffix('.json')}")
+    if not args.no_plot:
+        plot(result, stem.with_suffix(".png"))
+        print(f"wrote {stem.with_suffix('.png')}")
+    print("targets:", json.dumps(result["targets"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
