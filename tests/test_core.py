@@ -412,3 +412,11 @@ def test_add_param_group():
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, **TOL)
     assert opt._steps == [6, 3]
+
+
+def test_auto_engine_and_backend_on_cpu():
+    model = SmallNet()
+    opt = SAMPa(model, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, engine="auto", backend="auto")
+    assert (opt.engine.name, opt.backend.name) == ("serial", "torch")
+    opt = SAM(model, ce_loss, torch.optim.SGD, rho=0.1, lr=0.1, engine="auto")
+    assert opt.engine.name == "serial"

@@ -36,6 +36,25 @@ ENGINE_OPTIONS = ("devices", "graph", "warmup_steps", "process_group", "sharded_
 
 
 def auto_engine(opt) -> str:
+    """The engine that runs the two passes of SAMPa side by side where this
+    process can: the process group when torch.distributed is initialised with
+    an even world size; two GPUs when there are two and the CUDA extension is
+    built; two streams on one GPU; else serial. SAM's passes are sequential:
+    distributed (data parallel) when initialised, else serial."""
+    import torch
+    import torch.distributed as dist
+    sampa = getattr(opt, "_sampa", False)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if not sampa or dist.get_world_size() % 2 == 0:
+            return "distributed"
+    if not sampa:
+        return "serial"
+    devices = {b.x.device for b in opt._bufs}
+    if len(devices) == 1 and next(iter(devices)).type == "cuda":
+        from .._ext import has_cuda_ops
+        if torch.cuda.device_count() >= 2 and has_cuda_ops() and opt.rule.fused:
+            return "peer"
+        return "streams"
     return "serial"
 
 
