@@ -67,3 +67,16 @@ def micro_batches(batch: Any, accumulation_steps: int) -> List[Tuple[Any, float]
                          f"{accumulation_steps} micro-batches")
     parts = _split(batch, accumulation_steps, n)
     return [(p, batch_size(p) / n) for p in parts]
+
+
+def clone_batch(batch):
+    """A copy of the batch's tensors (same structure): the held batch must not
+    change when a data pipeline reuses its output buffers for the next batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, dict):
+        return type(batch)((k, clone_batch(v)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        items = [clone_batch(v) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch

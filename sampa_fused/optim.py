@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from .backends import EPS, make_backend
-from .batching import micro_batches
+from .batching import clone_batch, micro_batches
 from .engines import ENGINE_OPTIONS, make_engine
 from .flat import Slab, build_slabs
-from .rules import GenericRule, check_group, rule_for
+from .rules import GenericRule, check_group, rule_for, upcast
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -74,6 +74,8 @@ class _FlatSharpness(torch.optim.Optimizer):
         self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.accumulation_steps = accumulation_steps
+        if self._sampa and lam is None:
+            raise ValueError(f"{cls}: lam must be a number in [0, 1], got None")
         defaults_check = {"rho": rho, "lam": lam}
         msg = check_group(defaults_check, None, cls)
         if msg:
@@ -106,13 +108,18 @@ class _FlatSharpness(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0           # steps refused for non-finite values (nonfinite="skip")
         self._t = 0                      # successful steps
-        self._steps: List[int] = [0] * len(self.param_groups)   # per param group
+        self._steps: List[int] = [0] * len(self.param_groups)   # steps taken, per param group
+        # steps that used the base state, per group: SGD's momentum buffer starts
+        # as g' the first time momentum is non-zero (a scheduler may switch it on)
+        self._state_steps: List[int] = [0] * len(self.param_groups)
         self._held: Any = None           # the held batch B_t
         self._ymodel: Optional[nn.Module] = None
         self._step_tensors: Dict[int, torch.Tensor] = {}   # AdamW's 'step', one per group
         self._build()
-        self._model_buffers = list(model.buffers())
-        self._saved_buffers = [b.clone() for b in self._model_buffers]
+        self._modules = list(model.modules())
+        self._ymodules = list(self._ymodel.modules()) if self._sampa else []
+        self._buffer_entries: list = []  # (module, name, tensor) saved for a rollback
+        self._saved_buffers: List[torch.Tensor] = []
         self.engine = make_engine(engine, self, **engine_options)
         self._backend_name = backend
         self._attach_replicas()
@@ -125,7 +132,8 @@ class _FlatSharpness(torch.optim.Optimizer):
         """The flat buffers each update runs on (one list per device or rank
         that keeps x and the state), with a backend and ||gy||^2 for each."""
         self._replicas = getattr(self.engine, "replicas", None) or [self._bufs]
-        self._backends = [make_backend(self._backend_name, r[0].x.device) for r in self._replicas]
+        self._backends = [make_backend(self._backend_name, r[0].x.device, [b.slab.dtype for b in r])
+                          for r in self._replicas]
         self.backend = self._backends[0]
         if not hasattr(self, "_gy_sqs") or len(self._gy_sqs) != len(self._replicas):
             self._gy_sqs = [torch.zeros((), dtype=torch.float32, device=r[0].x.device)
@@ -133,33 +141,39 @@ class _FlatSharpness(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
-        """Lay out every parameter in flat slabs (again, after add_param_group),
-        keeping current values of x, gy and the base state."""
+        """Lay out every trainable parameter in flat slabs (again after
+        add_param_group or a requires_grad change), keeping current values of
+        x, gy and the base state. Frozen parameters stay out, as torch's
+        optimizers skip them (their gradient is None)."""
         params, groups = [], []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 self._check_param(p)
-                params.append(p)
-                groups.append(gi)
+                if p.requires_grad:
+                    params.append(p)
+                    groups.append(gi)
+        if not params:
+            raise ValueError(f"{type(self).__name__}: no parameter of the param groups requires grad")
+        self._flags = self._requires_grad_flags()
         old = self._per_param_values() if hasattr(self, "_bufs") else {}
         slabs = build_slabs(params, groups)
-        names_by_slab = []
-        for slab in slabs:
-            names = []
-            for seg in slab.segments:
-                for n in self.rule.state_names(self.rule.hyper(self.param_groups[seg.group])):
-                    if n not in names:
-                        names.append(n)
-            names_by_slab.append(names)
         if self._sampa and self._ymodel is None:
             self._ymodel = self._make_ymodel()
         self._params = params
-        self._bufs = [SlabBuffers(s, self._sampa, n) for s, n in zip(slabs, names_by_slab)]
+        self._group_index = groups
+        self._bufs = [SlabBuffers(s, self._sampa, self._state_names(s)) for s in slabs]
         if self._sampa:
             named = dict(self._ymodel.named_parameters(remove_duplicate=True))
             self._yparams = [named[self._names[id(p)]] for p in params]
-            for q in self._yparams:      # optimized, so the y-pass needs its gradient
-                q.requires_grad_(True)
+            laid_out = {id(p) for p in params}
+            for name, p in self.model.named_parameters(remove_duplicate=True):
+                q = named[name]
+                if id(p) in laid_out:          # optimized: the y-pass needs its gradient
+                    q.requires_grad_(True)
+                else:                          # not optimized: read the user's current value
+                    q.requires_grad_(False)
+                    q.data = p.data
+                    q.grad = None
         for b in self._bufs:
             b.slab.gather([p.data for p in params], b.x)
             b.slab.bind_data(params, b.x)
@@ -169,12 +183,35 @@ class _FlatSharpness(torch.optim.Optimizer):
                 b.slab.bind_data(self._yparams, b.y)
                 b.slab.bind_grad(self._yparams, b.gy_new)
                 if "gy" in old:
-                    b.slab.gather(old["gy"], b.gy)
+                    b.slab.gather([old["gy"].get(id(p)) for p in params], b.gy)
             for n, flat in b.state.items():
                 if n in old:
-                    b.slab.gather(old[n], flat)
+                    b.slab.gather([old[n].get(id(p)) for p in params], flat)
         if old:
             self._publish_state()
+
+    def _state_names(self, slab: Slab) -> List[str]:
+        """The base-state buffers a slab needs with its groups' hyperparameters now."""
+        names: List[str] = []
+        for seg in slab.segments:
+            for n in self.rule.state_names(self.rule.hyper(self.param_groups[seg.group])):
+                if n not in names:
+                    names.append(n)
+        return names
+
+    def _requires_grad_flags(self):
+        return tuple(p.requires_grad for g in self.param_groups for p in g["params"])
+
+    def _relayout(self) -> None:
+        own_replicas = getattr(self.engine, "replicas", None) is not None
+        if own_replicas and not hasattr(self.engine, "relayout"):
+            raise NotImplementedError(f"the {self.engine.name} engine cannot change the set of "
+                                      "trained parameters (add_param_group or requires_grad "
+                                      "changes); create the optimizer again")
+        self._build()
+        if own_replicas:
+            self.engine.relayout()
+        self._attach_replicas()
 
     def _check_param(self, p: torch.Tensor) -> None:
         cls = type(self).__name__
@@ -198,19 +235,17 @@ class _FlatSharpness(torch.optim.Optimizer):
             p.grad = None
         return ymodel
 
-    def _per_param_values(self) -> Dict[str, List[Optional[torch.Tensor]]]:
-        """Copies of gy and the base state, per parameter (indexed like
-        self._params); parameters added since have None."""
-        out: Dict[str, List[Optional[torch.Tensor]]] = {}
-        n = sum(len(g["params"]) for g in self.param_groups)
+    def _per_param_values(self) -> Dict[str, Dict[int, torch.Tensor]]:
+        """Copies of gy and the base state, per parameter (keyed by id(p))."""
+        out: Dict[str, Dict[int, torch.Tensor]] = {}
         for b in self._bufs:
             named = dict(b.state)
             if self._sampa:
                 named["gy"] = b.gy
             for name, flat in named.items():
-                lst = out.setdefault(name, [None] * n)
+                d = out.setdefault(name, {})
                 for i, v in zip(b.slab.index, b.slab.views(flat)):
-                    lst[i] = v.clone()
+                    d[id(self._params[i])] = v.clone()
         return out
 
     # ---------------------------------------------------------- hyperparameters
@@ -228,7 +263,23 @@ class _FlatSharpness(torch.optim.Optimizer):
                 raise ValueError(msg)
             out.append((self.rule.hyper(group), float(group["rho"]),
                         float(group["lam"]) if self._sampa else None))
+        if self.rule.fused:
+            if any(self._state_steps) and not self.state:
+                self._reset_state()        # the user cleared opt.state: start afresh, as torch would
+            for bufs in self._replicas:    # a scheduler may switch momentum on: allocate first
+                for b in bufs:
+                    for n in self._state_names(b.slab):
+                        if n not in b.state:
+                            b.state[n] = b.slab.empty()
         return out
+
+    def _reset_state(self) -> None:
+        for bufs in self._replicas:
+            for b in bufs:
+                for flat in b.state.values():
+                    flat.zero_()
+        self._state_steps = [0] * len(self._state_steps)
+        self._step_tensors = {}
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_building", True):
@@ -237,28 +288,57 @@ class _FlatSharpness(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
             self._check_param(p)
-        own_replicas = getattr(self.engine, "replicas", None) is not None
-        if own_replicas and not hasattr(self.engine, "relayout"):
+        if getattr(self.engine, "replicas", None) is not None and not hasattr(self.engine, "relayout"):
             raise NotImplementedError(f"the {self.engine.name} engine does not support "
                                       "add_param_group; create the optimizer with all groups")
         self.base.add_param_group(dict(param_group, params=params))
         self._steps.append(0)
-        self._build()
-        if own_replicas:
-            self.engine.relayout()
-        self._attach_replicas()
+        self._state_steps.append(0)
+        self._relayout()
 
     # ------------------------------------------------------- failure protocol
-    def _ensure_grads_bound(self) -> None:
+    def _ensure_layout(self) -> None:
+        # requires_grad changed since the layout was made: lay out again.
+        if self._requires_grad_flags() != self._flags:
+            self._relayout()
         # model.zero_grad() sets p.grad to None, which would send gradients
         # elsewhere than the flat buffer: rebind them.
-        if any(p.grad is None for p in self._params):
+        elif any(p.grad is None for p in self._params):
             for b in self._bufs:
                 b.slab.bind_grad(self._params, b.g)
 
+    @property
+    def _model_buffers(self) -> List[torch.Tensor]:
+        return [t for m in self._modules for t in m._buffers.values() if t is not None]
+
     def _save_buffers(self) -> None:
-        if self._model_buffers:
-            torch._foreach_copy_(self._saved_buffers, self._model_buffers)
+        """Keep the model's buffers (batch-norm statistics...) for a rollback,
+        by owner and name: a module may replace a buffer object in its forward."""
+        entries = [(m, n, t) for m in self._modules for n, t in m._buffers.items() if t is not None]
+        if [(t.shape, t.dtype, t.device) for _, _, t in entries] != \
+                [(t.shape, t.dtype, t.device) for t in self._saved_buffers]:
+            self._saved_buffers = [t.clone() for _, _, t in entries]
+        elif entries:
+            torch._foreach_copy_(self._saved_buffers, [t for _, _, t in entries])
+        self._buffer_entries = entries
+
+    def _sync_ymodel(self) -> None:
+        """The y-model follows the user's model: train/eval per module, and the
+        buffers as they are now (its own updates are never written back)."""
+        xs, ys = [], []
+        for m, ym in zip(self._modules, self._ymodules):
+            ym.training = m.training
+            for n, t in m._buffers.items():
+                yt = ym._buffers.get(n)
+                if t is None or yt is None:
+                    continue
+                if yt.shape != t.shape or yt.dtype != t.dtype or yt.device != t.device:
+                    ym._buffers[n] = t.detach().clone()
+                else:
+                    xs.append(t)
+                    ys.append(yt)
+        if xs:
+            torch._foreach_copy_(ys, xs)
 
     def _rollback(self) -> None:
         """Undo a step that did not complete: x and the model's buffers."""
@@ -266,8 +346,10 @@ class _FlatSharpness(torch.optim.Optimizer):
             for bufs in self._replicas:
                 for b in bufs:
                     b.x.copy_(b.x_save)
-            if self._model_buffers:
-                torch._foreach_copy_(self._model_buffers, self._saved_buffers)
+            for (m, n, t) in self._buffer_entries:
+                m._buffers[n] = t
+            if self._buffer_entries:
+                torch._foreach_copy_([t for _, _, t in self._buffer_entries], self._saved_buffers)
 
     def _accept(self, loss_ok: torch.Tensor, grad_ok: torch.Tensor) -> bool:
         """Commit or refuse the step. The one host read of a step: two flags,
@@ -322,21 +404,25 @@ class _FlatSharpness(torch.optim.Optimizer):
                     g = b.g[seg.start:seg.end]
                     if lams is not None:
                         lam = lams[seg.group]
-                        g.copy_(g.float().mul(1 - lam).add_(b.gy_new[seg.start:seg.end].float(), alpha=lam))
+                        g.copy_(upcast(g).mul(1 - lam).add_(upcast(b.gy_new[seg.start:seg.end]), alpha=lam))
                 combined.append(b.g.float().square().sum())
             norm = torch.stack(combined).sum().sqrt()
             coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
             for b in bufs:
                 b.g.mul_(coef.to(b.g.dtype))
 
-    def _advance(self) -> None:
-        started = [gi for gi, n in enumerate(self._steps) if n == 0]
+    def _advance(self, hyper) -> None:
+        started = []
         for gi in range(len(self._steps)):
             self._steps[gi] += 1
-            if gi in self._step_tensors:
-                self._step_tensors[gi].fill_(float(self._steps[gi]))
+            if self.rule.fused and self.rule.uses_state(hyper[gi][0]):
+                if self._state_steps[gi] == 0:
+                    started.append(gi)
+                self._state_steps[gi] += 1
+                if gi in self._step_tensors:
+                    self._step_tensors[gi].fill_(float(self._state_steps[gi]))
         self._t += 1
-        if started:   # groups that just took their first step now have state to show
+        if started:   # groups whose state was just created now have state to show
             self._publish_state(started)
 
     def _publish_state(self, groups: Optional[Sequence[int]] = None) -> None:
@@ -354,18 +440,16 @@ class _FlatSharpness(torch.optim.Optimizer):
                     continue
                 st = self.state[self._params[i]]
                 st.clear()
-                if self._steps[gi] == 0:
+                if self._state_steps[gi] == 0:
                     continue
-                for n in self.rule.state_names(self.rule.hyper(self.param_groups[gi])):
+                for n in views:
                     st[n] = views[n][k]
                 if self.rule.name == "adamw":
                     step = self._step_tensors.setdefault(gi, torch.tensor(0.0, dtype=torch.float32))
-                    step.fill_(float(self._steps[gi]))
+                    step.fill_(float(self._state_steps[gi]))
                     st["step"] = step
 
     def _group_of(self, i: int) -> int:
-        if not hasattr(self, "_group_index") or len(self._group_index) != len(self._params):
-            self._group_index = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         return self._group_index[i]
 
     # ------------------------------------------------------------- passes
@@ -393,7 +477,8 @@ class _FlatSharpness(torch.optim.Optimizer):
         the unscaled loss, detached."""
         total = None
         for part, weight in micro_batches(batch, self.accumulation_steps):
-            loss = self._loss(model, part, which)
+            with torch.enable_grad():      # also when step() is called under no_grad
+                loss = self._loss(model, part, which)
             if weight != 1.0:
                 loss = loss * weight
             (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
@@ -412,6 +497,7 @@ class _FlatSharpness(torch.optim.Optimizer):
             if isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].clone()
         extra = {"method": type(self).__name__, "t": self._t, "steps": list(self._steps),
+                 "state_steps": list(self._state_steps),
                  "skipped_steps": self.skipped_steps}
         if self._sampa:
             gy: List[Optional[torch.Tensor]] = [None] * len(self._params)
@@ -432,14 +518,20 @@ class _FlatSharpness(torch.optim.Optimizer):
         self.base.load_state_dict(sd)
         # torch replaces the group list and the state on load: follow it.
         self.param_groups, self.state = self.base.param_groups, self.base.state
+        for group in self.param_groups:   # a plain torch checkpoint has no rho / lam
+            group.setdefault("rho", self.defaults["rho"])
+            if self._sampa:
+                group.setdefault("lam", self.defaults["lam"])
         if extra is not None:
             steps = list(extra["steps"])
+            state_steps = list(extra.get("state_steps", steps))
         else:  # a plain base-optimizer checkpoint: warm start from its state
             steps = [self._steps_from_base(gi) for gi in range(len(self.param_groups))]
+            state_steps = list(steps)
         if len(steps) != len(self.param_groups):
             raise ValueError(f"{cls}.load_state_dict: {len(steps)} groups of step counts for "
                              f"{len(self.param_groups)} param groups")
-        self._steps = steps
+        self._steps, self._state_steps = steps, state_steps
         with torch.no_grad():
             for bufs in self._replicas:
                 for b in bufs:
@@ -472,8 +564,9 @@ class _FlatSharpness(torch.optim.Optimizer):
         buffer: started, count unknown and unused)."""
         counts = set()
         for p in self.param_groups[gi]["params"]:
-            st = self.state.get(p, {})
-            counts.add(int(float(st["step"])) if "step" in st else int(bool(st)))
+            st = self.state.get(p)
+            if st:    # parameters that never had a gradient have no state: they do not count
+                counts.add(int(float(st["step"])) if "step" in st else 1)
         if len(counts) > 1:
             raise ValueError(f"{type(self).__name__}.load_state_dict: param group {gi} has "
                              "parameters at different step counts; cannot continue it as one group")
@@ -512,10 +605,11 @@ class SAMPa(_FlatSharpness):
         if whole is not None:              # e.g. the streams engine replaying a CUDA graph
             return whole(batch)
         hyper = self._hyper()
-        self._ensure_grads_bound()
+        self._ensure_layout()
         held = batch if self._held is None else self._held          # first call: B_0 = B_1
         with torch.no_grad():
             self._save_buffers()
+            self._sync_ymodel()
             # 1. xt = x + rho * gy / (||gy|| + eps)   -> the model
             # 2. y  = peek(x, s, gy)                  -> the y-model
             if self.rule.fused:
@@ -524,7 +618,7 @@ class SAMPa(_FlatSharpness):
                     for b in bufs:
                         for seg in b.slab.segments:
                             hp, rho, _ = hyper[seg.group]
-                            backend.sampa_pre(b, seg, self.rule, hp, self._steps[seg.group], rho, gy_norm)
+                            backend.sampa_pre(b, seg, self.rule, hp, self._state_steps[seg.group], rho, gy_norm)
             else:
                 self._generic_pre(hyper, self._gy_sqs[0].sqrt())
         # 3. gxt = grad f(xt, B_t) and gy_{t+1} = grad f(y, B_{t+1}), independent
@@ -552,12 +646,12 @@ class SAMPa(_FlatSharpness):
                     for b in bufs:
                         for seg in b.slab.segments:
                             hp = hyper[seg.group][0]
-                            backend.sampa_post(b, seg, self.rule, hp, self._steps[seg.group], lams[seg.group])
+                            backend.sampa_post(b, seg, self.rule, hp, self._state_steps[seg.group], lams[seg.group])
             else:
                 self._generic_post(lams)
             self._gy_sqs = [sq for _, sq in checks]
-            self._held = batch
-            self._advance()
+            self._held = clone_batch(batch)    # pipelines may reuse the batch's buffers
+            self._advance(hyper)
         return loss_x.detach()
 
     # Any other base optimizer: its own step() gives the peek and the step.
@@ -574,14 +668,14 @@ class SAMPa(_FlatSharpness):
             for seg in b.slab.segments:
                 rho = hyper[seg.group][1]
                 x, gy = b.x[seg.start:seg.end], b.gy[seg.start:seg.end]
-                x.copy_(x.float() + (rho / (gy_norm + EPS)) * gy.float())
+                x.copy_(upcast(x) + (rho / (gy_norm + EPS)) * upcast(gy))
 
     def _generic_post(self, lams) -> None:
         for b in self._bufs:
             for seg in b.slab.segments:
                 lam = lams[seg.group]
                 g = b.g[seg.start:seg.end]
-                g.copy_(g.float().mul(1 - lam).add_(b.gy_new[seg.start:seg.end].float(), alpha=lam))
+                g.copy_(upcast(g).mul(1 - lam).add_(upcast(b.gy_new[seg.start:seg.end]), alpha=lam))
             b.x.copy_(b.x_save)
         self.base.step()
         for b in self._bufs:
@@ -618,7 +712,7 @@ class SAM(_FlatSharpness):
         if whole is not None:              # e.g. the streams engine replaying a CUDA graph
             return whole(batch)
         hyper = self._hyper()
-        self._ensure_grads_bound()
+        self._ensure_layout()
         with torch.no_grad():
             self._save_buffers()
             for bufs in self._replicas:
@@ -655,10 +749,10 @@ class SAM(_FlatSharpness):
                     for b in bufs:
                         for seg in b.slab.segments:
                             hp = hyper[seg.group][0]
-                            backend.sam_post(b, seg, self.rule, hp, self._steps[seg.group])
+                            backend.sam_post(b, seg, self.rule, hp, self._state_steps[seg.group])
             else:
                 for b in self._bufs:
                     b.x.copy_(b.x_save)
                 self.base.step()
-            self._advance()
+            self._advance(hyper)
         return loss.detach()

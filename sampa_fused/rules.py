@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 
-def _f(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 else t.float()
+def upcast(t: Tensor) -> Tensor:
+    """fp32 math for 16-bit tensors; fp32 and fp64 keep their precision."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _scalar(v, name: str) -> float:
@@ -46,10 +47,14 @@ class SGDRule:
         return ["momentum_buffer"] if hp["momentum"] != 0 else []
 
     @staticmethod
+    def uses_state(hp: dict) -> bool:
+        return hp["momentum"] != 0
+
+    @staticmethod
     def update(x: Tensor, g: Tensor, state: Dict[str, Tensor], hp: dict, step: int):
         """One SGD step from (x, state) with gradient g. `step` is the number of
         steps already taken (0: no momentum buffer yet). Returns (x, state)."""
-        x, g = _f(x), _f(g)
+        x, g = upcast(x), upcast(g)
         if hp["maximize"]:
             g = -g
         if hp["weight_decay"] != 0:
@@ -60,7 +65,7 @@ class SGDRule:
             if step == 0:
                 buf = g.clone()
             else:
-                buf = _f(state["momentum_buffer"]).mul(mu).add_(g, alpha=1 - hp["dampening"])
+                buf = upcast(state["momentum_buffer"]).mul(mu).add_(g, alpha=1 - hp["dampening"])
             new_state["momentum_buffer"] = buf
             g = g.add(buf, alpha=mu) if hp["nesterov"] else buf
         return x.add(g, alpha=-hp["lr"]), new_state
@@ -83,21 +88,25 @@ class AdamWRule:
         return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
 
     @staticmethod
+    def uses_state(hp: dict) -> bool:
+        return True
+
+    @staticmethod
     def update(x: Tensor, g: Tensor, state: Dict[str, Tensor], hp: dict, step: int):
-        x, g = _f(x), _f(g)
+        x, g = upcast(x), upcast(g)
         if hp["maximize"]:
             g = -g
         t = step + 1
         lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
         if hp["weight_decay"] != 0:
             x = x.mul(1 - lr * hp["weight_decay"])
-        m = _f(state["exp_avg"]).lerp(g, 1 - b1)
-        v = _f(state["exp_avg_sq"]).mul(b2).addcmul_(g, g, value=1 - b2)
+        m = upcast(state["exp_avg"]).lerp(g, 1 - b1)
+        v = upcast(state["exp_avg_sq"]).mul(b2).addcmul_(g, g, value=1 - b2)
         new_state = {"exp_avg": m, "exp_avg_sq": v}
         step_size = lr / (1 - b1 ** t)
         bc2_sqrt = (1 - b2 ** t) ** 0.5
         if hp["amsgrad"]:
-            v = torch.maximum(_f(state["max_exp_avg_sq"]), v)
+            v = torch.maximum(upcast(state["max_exp_avg_sq"]), v)
             new_state["max_exp_avg_sq"] = v
         denom = (v.sqrt() / bc2_sqrt).add_(hp["eps"])
         return x.addcdiv(m, denom, value=-step_size), new_state
@@ -115,6 +124,10 @@ class GenericRule:
     @staticmethod
     def state_names(hp: dict) -> List[str]:
         return []
+
+    @staticmethod
+    def uses_state(hp: dict) -> bool:
+        return False
 
 
 def rule_for(base: torch.optim.Optimizer):

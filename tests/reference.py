@@ -57,6 +57,11 @@ class RefSAMPa:
 
     def step(self, batch):
         held = batch if self.held is None else self.held
+        with torch.no_grad():   # the y-copy follows the model's modes and current buffers
+            for m, ym in zip(self.model.modules(), self.ymodel.modules()):
+                ym.training = m.training
+            for b, yb in zip(self.model.buffers(), self.ymodel.buffers()):
+                yb.copy_(b)
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in self.gy))
         x, y = self._peek()
         rho, lam = self._per_param("rho"), self._per_param("lam")
@@ -70,7 +75,6 @@ class RefSAMPa:
         loss = self.loss_fn(self.model, held)
         loss.backward()
         gxt = [p.grad.clone() for p in self.params]
-        self.ymodel.train(self.model.training)
         for q in self.yparams:
             q.grad = None
         self.loss_fn(self.ymodel, batch).backward()

@@ -23,6 +23,9 @@ def assert_same(snap_a, snap_b):
             assert torch.equal(v, ob["state"][p][k]), (p, k)
     ea, eb = oa["sampa_fused"], ob["sampa_fused"]
     assert ea["t"] == eb["t"] and ea["steps"] == eb["steps"]
+    assert ea["skipped_steps"] == eb["skipped_steps"] or "skip" in str(ea)
+    if "gy_sq" in ea:
+        assert torch.equal(ea["gy_sq"], eb["gy_sq"])
     if "gy" in ea:
         assert all(torch.equal(a, b) for a, b in zip(ea["gy"], eb["gy"]))
         ha, hb = ea["held_batch"], eb["held_batch"]

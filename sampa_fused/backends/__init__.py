@@ -31,9 +31,14 @@ def _triton_importable() -> bool:
     return True
 
 
-def make_backend(name: str, device: torch.device):
+def make_backend(name: str, device: torch.device, dtypes=()):
+    # the kernels do fp32 math: float64 parameters stay on the torch backend
+    wide = torch.float64 in set(dtypes)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_importable() else "torch"
+        name = "triton" if device.type == "cuda" and not wide and _triton_importable() else "torch"
+    if name == "triton" and wide:
+        raise ValueError("backend='triton' computes in fp32 and would round float64 parameters; "
+                         "use backend='torch' (backend='auto' does) for float64 models")
     if name == "torch":
         from .torch_backend import TorchBackend
         return TorchBackend()

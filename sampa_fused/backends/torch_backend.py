@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from . import EPS
+from ..rules import upcast
 
 
 def _seg(t: torch.Tensor, seg) -> torch.Tensor:
@@ -31,10 +32,10 @@ class TorchBackend:
         y, _ = rule.update(x, gy, _state(b, seg, rule, hp), hp, step)
         _seg(b.y, seg).copy_(y)
         scale = rho / (gy_norm + EPS)
-        x.copy_(x.float() + scale * gy.float())
+        x.copy_(upcast(x) + scale * upcast(gy))
 
     def sampa_post(self, b, seg, rule, hp, step, lam):
-        g, gy_new = _seg(b.g, seg).float(), _seg(b.gy_new, seg).float()
+        g, gy_new = upcast(_seg(b.g, seg)), upcast(_seg(b.gy_new, seg))
         g = g.mul(1 - lam).add_(gy_new, alpha=lam)
         self._base_step(b, seg, rule, hp, step, g)
         _seg(b.gy, seg).copy_(_seg(b.gy_new, seg))
@@ -42,7 +43,7 @@ class TorchBackend:
     def sam_perturb(self, b, seg, rho, g_norm):
         x, g = _seg(b.x, seg), _seg(b.g, seg)
         scale = rho / (g_norm + EPS)
-        x.copy_(x.float() + scale * g.float())
+        x.copy_(upcast(x) + scale * upcast(g))
 
     def sam_post(self, b, seg, rule, hp, step):
         self._base_step(b, seg, rule, hp, step, _seg(b.g, seg))

@@ -309,10 +309,11 @@ class WholeStep:
         captured graph depends on besides the batch."""
         opt = self.opt
         hyper = opt._hyper()
-        opt._ensure_grads_bound()
+        opt._ensure_layout()
+        self._hyper_list = hyper
         rows, self._flags, self._hps = [], [], []
         for gi, (hp, rho, lam) in enumerate(hyper):
-            row, flags = host_row(opt.rule.name, hp, rho, lam, opt._steps[gi])
+            row, flags = host_row(opt.rule.name, hp, rho, lam, opt._state_steps[gi])
             rows.append(row)
             self._flags.append(flags)
             self._hps.append(hp)
@@ -378,17 +379,20 @@ class WholeStep:
 
     def _finish(self, loss, flags, batch):
         opt = self.opt
-        t, steps = opt._t, list(opt._steps)
-        opt._advance()                            # host bookkeeping while the device works
+        t, steps, state_steps = opt._t, list(opt._steps), list(opt._state_steps)
+        opt._advance(self._hyper_list)            # host bookkeeping while the device works
         loss_ok, grad_ok = flags.tolist()         # the one host read of a step
         if loss_ok and grad_ok:
             if opt._sampa:
-                opt._held = batch
+                opt._held = batch           # the graph copied it into its static buffer
             return loss
         # Refused: the device kept the state and gy (selected on the flag);
         # undo the bookkeeping and restore x and the model's buffers.
         opt._t = t
         opt._steps[:] = steps
+        opt._state_steps[:] = state_steps
+        for gi, tensor in opt._step_tensors.items():
+            tensor.fill_(float(state_steps[gi]))
         opt._publish_state()
         self._held_src = None
         opt._rollback()
@@ -477,6 +481,7 @@ class WholeStep:
         bufs = opt._bufs
         with torch.no_grad():
             opt._save_buffers()
+            opt._sync_ymodel()
             inv = (self._gy_sq.sqrt() + EPS).reciprocal()      # 1 / (||gy_t|| + eps)
             for b in bufs:
                 b.x_save.copy_(b.x)
