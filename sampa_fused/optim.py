@@ -117,10 +117,12 @@ class _FlatSharpness(torch.optim.Optimizer):
         self._step_tensors: Dict[int, torch.Tensor] = {}   # AdamW's 'step', one per group
         self._build()
         self._modules = list(model.modules())
-        self._ymodules = list(self._ymodel.modules()) if self._sampa else []
         self._buffer_entries: list = []  # (module, name, tensor) saved for a rollback
         self._saved_buffers: List[torch.Tensor] = []
         self.engine = make_engine(engine, self, **engine_options)
+        # the y-model the engine runs (the peer engine keeps its own on device B)
+        ymodel = getattr(self.engine, "ymodel", None) or self._ymodel
+        self._ymodules = list(ymodel.modules()) if self._sampa else []
         self._backend_name = backend
         self._attach_replicas()
         if not self.rule.fused and len(self._replicas) > 1:
