@@ -14,13 +14,19 @@ fi
 missing=()
 have triton || missing+=("triton==3.8.0")
 for mod_pkg in numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark tqdm:tqdm \
-               matplotlib:matplotlib sklearn:scikit-learn ninja:ninja setuptools:setuptools; do
+               matplotlib:matplotlib sklearn:scikit-learn ninja:ninja setuptools:setuptools \
+               wheel:wheel; do
     have "${mod_pkg%%:*}" || missing+=("${mod_pkg#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     "$PY" -m pip install -q "${missing[@]}"
 fi
-# The extension: a CUDAExtension where torch has CUDA and nvcc is found, else C++ only.
-if ! "$PY" -c "import torch, sampa_fused._C" >/dev/null 2>&1 || [ "${SAMPA_REBUILD:-0}" = 1 ]; then
+# The package from this checkout, with its extension (a CUDAExtension where torch
+# has CUDA and nvcc is found, else C++ only). Reinstalled when `import
+# sampa_fused` finds another checkout or the extension is not built.
+here=$(pwd -P)/sampa_fused
+found=$(cd / && "$PY" -c "import os, sampa_fused; print(os.path.realpath(os.path.dirname(sampa_fused.__file__)))" 2>/dev/null || true)
+if [ "$found" != "$here" ] || ! (cd / && "$PY" -c "import torch, sampa_fused._C") >/dev/null 2>&1 \
+        || [ "${SAMPA_REBUILD:-0}" = 1 ]; then
     MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 fi

@@ -1,0 +1,282 @@
+"""Step time of the distributed engine on CPU (gloo over loopback, 1 thread
+per process), small conv net:
+
+  sam_1proc        SAM, serial engine, 1 process, whole batch
+  sampa_1proc      SAMPa, serial engine, 1 process (both passes one after the other)
+  sampa_2ranks     SAMPa, distributed engine, 2 ranks (x̃-pass on rank 0, y-pass on rank 1)
+  sampa_2ranks_no_overlap   the same, gradients sent only after backward
+  sam_dp_2ranks    SAM, distributed engine, 2 ranks data-parallel, half batch each
+  fwd_bwd_1proc    one forward/backward alone (the floor for SAMPa on 2 ranks)
+
+Each configuration runs in fresh processes; rounds interleave the
+configurations so that load from other programs on the machine spreads over
+all of them. Writes JSON and a bar chart.
+
+    python bench/bench_distributed.py --out bench/results/cpu-distributed.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CONFIGS = {
+    # name: (world size, method, engine, options)
+    "sam_1proc": (1, "sam", "serial", {}),
+    "sampa_1proc": (1, "sampa", "serial", {}),
+    "sampa_2ranks": (2, "sampa", "distributed", {}),
+    "sampa_2ranks_no_overlap": (2, "sampa", "distributed", {"overlap": False}),
+    "sam_dp_2ranks": (2, "sam", "distributed", {}),
+    "fwd_bwd_1proc": (1, "fwd_bwd", None, {}),
+}
+
+
+def make_model(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 10))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _rank(rank, world, init_file, name, args, out_path):
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import torch.distributed as dist
+    from sampa_fused import SAM, SAMPa
+    try:
+        _, method, engine, options = CONFIGS[name]
+        if world > 1:
+            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                    world_size=world, timeout=datetime.timedelta(seconds=120))
+        model = make_model(args["width"])
+        g = torch.Generator().manual_seed(1)
+        n = args["warmup"] + args["steps"]
+        data = [(torch.randn(args["batch"], 3, 32, 32, generator=g),
+                 torch.randint(0, 10, (args["batch"],), generator=g)) for _ in range(n)]
+        kw = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, rho=0.05)
+        if method == "sampa":
+            opt = SAMPa(model, loss_fn, torch.optim.SGD, lam=0.2, engine=engine, **kw, **options)
+        elif method == "sam":
+            opt = SAM(model, loss_fn, torch.optim.SGD, engine=engine, **kw, **options)
+        else:
+            opt = None
+        waits = []
+        if opt is not None and hasattr(opt.engine, "_wait"):
+            # the communication backward did not hide: the end-of-pass wait
+            inner = opt.engine._wait
+
+            def timed_wait():
+                t = time.perf_counter()
+                inner()
+                waits.append(time.perf_counter() - t)
+            opt.engine._wait = timed_wait
+        times, cpu = [], []
+        for i, b in enumerate(data):
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            if opt is not None:
+                opt.step(b)
+            else:
+                model.zero_grad(set_to_none=False)
+                loss_fn(model, b).backward()
+            t1 = time.perf_counter()
+            c1 = time.process_time()
+            if i >= args["warmup"]:
+                times.append(t1 - t0)
+                cpu.append(c1 - c0)
+        res = {"times": times, "cpu": cpu,
+               "wait_ms": statistics.median(waits[-len(times):]) * 1e3 if waits else None}
+        if opt is not None:
+            res["params"] = sum(p.numel() for p in model.parameters())
+            res["stats"] = dict(getattr(opt.engine, "stats", {}))
+            res["buckets"] = len(getattr(opt.engine, "_buckets", []))
+        if world > 1:
+            dist.barrier()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        res = {"error": traceback.format_exc()}
+    torch.save(res, f"{out_path}.{rank}")
+    os._exit(0)
+
+
+def run_config(name: str, args: dict, ctx) -> dict:
+    world = CONFIGS[name][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.pt")
+        procs = [ctx.Process(target=_rank, args=(r, world, os.path.join(tmp, "init"), name, args, out))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(600)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+    for r, res in enumerate(ranks):
+        if "error" in res:
+            raise RuntimeError(f"{name} failed on rank {r}:\n{res['error']}")
+    res = dict(ranks[0])                       # ranks step in lockstep: rank 0's wall times
+    res["cpu"] = [r["cpu"] for r in ranks]
+    res["wait_ms"] = [r["wait_ms"] for r in ranks]
+    return res
+
+
+def summarize(times):
+    ms = sorted(t * 1e3 for t in times)
+    q = lambda f: ms[min(len(ms) - 1, int(f * len(ms)))]  # noqa: E731
+    return {"median_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms),
+            "p10_ms": q(0.1), "p90_ms": q(0.9), "n": len(ms)}
+
+
+def chart(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cfg = result["configs"]
+    names = list(cfg)
+    med = [cfg[n]["median_ms"] for n in names]
+    lo = [m - cfg[n]["p10_ms"] for n, m in zip(names, med)]
+    hi = [cfg[n]["p90_ms"] - m for n, m in zip(names, med)]
+    busiest = [max(cfg[n]["cpu_ms_per_step_by_rank"]) for n in names]
+    colors = ["#4c72b0" if "sampa" in n else "#999999" if "fwd" in n else "#dd8452" for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    sam = cfg["sam_1proc"]["median_ms"]
+    sam_cpu = cfg["sam_1proc"]["cpu_ms_per_step_by_rank"][0]
+    for ax, vals, ref, err, label in (
+            (axes[0], med, sam, [lo, hi], "wall ms per step (median; bars p10-p90)"),
+            (axes[1], busiest, sam_cpu, None, "CPU ms per step of the busiest rank (median)")):
+        ax.barh(names, vals, xerr=err, color=colors)
+        ax.axvline(0.5 * ref, ls=":", c="k", label="0.5 x SAM 1 process (ideal)")
+        ax.axvline(0.6 * ref, ls="--", c="r", label="0.6 x SAM 1 process (target)")
+        ax.set_xlabel(label)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].invert_yaxis()
+    la = result["machine"]["loadavg_start"][0]
+    fig.suptitle(f"CPU, gloo loopback, 1 thread/process, batch {result['args']['batch']}, "
+                 f"{result['params']} params; {result['machine']['cpus']} cores shared "
+                 f"(load average {la:.1f} at start)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "cpu-distributed.json"))
+    ap.add_argument("--chart", default=None, help="PNG path (default: next to --out)")
+    a = ap.parse_args()
+    args = {"batch": a.batch, "width": a.width, "steps": a.steps, "warmup": a.warmup}
+    names = a.configs.split(",")
+    for n in names:
+        if n not in CONFIGS:
+            ap.error(f"unknown config {n!r}; choose from {list(CONFIGS)}")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused"])
+    load0 = os.getloadavg()
+    times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    waits = {n: [] for n in names}
+    rounds = {n: [] for n in names}
+    extra = {}
+    for r in range(a.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:   # rotate: no fixed position
+            res = run_config(n, args, ctx)
+            times[n] += res["times"]
+            cpu[n].append(res["cpu"])
+            waits[n].append(res["wait_ms"])
+            rounds[n].append(statistics.median(res["times"]) * 1e3)
+            extra[n] = {k: v for k, v in res.items() if k not in ("times", "cpu", "wait_ms")}
+            print(f"round {r} {n:26s} {rounds[n][-1]:8.2f} ms", flush=True)
+    configs = {}
+    for n in names:
+        s = summarize(times[n])
+        s["round_medians_ms"] = rounds[n]
+        s["min_round_median_ms"] = min(rounds[n])
+        world = CONFIGS[n][0]
+        if waits[n] and waits[n][0][0] is not None:
+            s["end_of_pass_wait_ms_by_rank"] = [statistics.median(rnd[r] for rnd in waits[n])
+                                                for r in range(world)]
+        s["cpu_ms_per_step_by_rank"] = [statistics.median(t for rnd in cpu[n] for t in rnd[r]) * 1e3
+                                        for r in range(world)]
+        s.update(extra[n])
+        configs[n] = s
+    params = next((c["params"] for c in configs.values() if "params" in c), None)
+    result = {
+        "benchmark": "distributed engine, CPU",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+                    "note": "wall times; the 2-rank runs need 2 free cores, and this machine's 2 "
+                            "cores are shared with other programs (see loadavg): cpu_ms_per_step_rank0 "
+                            "is the CPU time rank 0 spent per step (its own work, gloo threads "
+                            "included), which contention does not inflate as much"},
+        "torch": torch.__version__, "python": platform.python_version(),
+        "args": args, "params": params, "configs": configs,
+        "bytes_sent_per_rank_per_step": {
+            # analytic (fp32): gradients only, plus 8 bytes of losses per pass;
+            # model buffers (batch norm) are broadcast from rank 0 once per pass
+            "sampa_2ranks": 4 * params if params else None,
+            "ddp_allreduce_of_2P_on_2_ranks": 2 * 4 * (2 * params) * (2 - 1) // 2 if params else None,
+            "sam_dp_2ranks (two all-reduces of P)": 2 * 2 * 4 * params * (2 - 1) // 2 if params else None,
+        },
+    }
+    if "sam_1proc" in configs:
+        sam = configs["sam_1proc"]["median_ms"]
+        result["ratios_vs_sam_1proc"] = {n: configs[n]["median_ms"] / sam for n in names}
+        # the least disturbed estimate: each configuration's quietest round
+        sam_min = configs["sam_1proc"]["min_round_median_ms"]
+        result["ratios_vs_sam_1proc_quietest_round"] = {
+            n: configs[n]["min_round_median_ms"] / sam_min for n in names}
+        # the work per rank, which contention inflates least
+        sam_cpu = configs["sam_1proc"]["cpu_ms_per_step_by_rank"][0]
+        result["cpu_time_ratios_vs_sam_1proc_max_rank"] = {
+            n: max(configs[n]["cpu_ms_per_step_by_rank"]) / sam_cpu for n in names}
+        result["target"] = "sampa_2ranks <= 0.6 x sam_1proc (ideal 0.5 + communication)"
+        if "sampa_2ranks" in configs:
+            result["target_met_median"] = result["ratios_vs_sam_1proc"]["sampa_2ranks"] <= 0.6
+            result["target_met_quietest_round"] = \
+                result["ratios_vs_sam_1proc_quietest_round"]["sampa_2ranks"] <= 0.6
+        # configurations of one round ran back to back, under similar load
+        result["per_round_ratios_vs_sam_1proc"] = {
+            n: [x / y for x, y in zip(rounds[n], rounds["sam_1proc"])] for n in names}
+        if "sampa_2ranks" in configs and "sam_dp_2ranks" in configs:
+            result["sampa_2ranks_vs_sam_dp_2ranks"] = (configs["sampa_2ranks"]["median_ms"]
+                                                       / configs["sam_dp_2ranks"]["median_ms"])
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: result[k] for k in result
+                      if k.startswith(("ratios", "cpu_time", "target", "sampa_2"))}, indent=2))
+    if "sam_1proc" in configs:
+        chart(result, a.chart or os.path.splitext(a.out)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()

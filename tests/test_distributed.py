@@ -1,0 +1,597 @@
+"""The distributed engine on gloo over loopback, 2 and 4 processes, 1 thread each.
+
+Each multi-process scenario is launched once (module fixtures) and its ranks
+save what they saw; the tests below check it. Ranks fork from a server that
+has imported torch once, so a launch costs about a second; the serial engine
+run inside each rank is the reference.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import sampa_fused
+from sampa_fused import SAM, SAMPa
+from sampa_fused.batching import MicroBatches
+from sampa_fused.engines.distributed import DEFAULT_TIMEOUT_S, plan_buckets, shard_batch
+from sampa_fused.flat import build_slabs
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
+
+REPO = str(Path(sampa_fused.__file__).resolve().parents[1])
+
+
+# ---------------------------------------------------------------- the models
+class Net(nn.Module):
+    """Conv + (optional) batch norm + linear, with a layer that the forward
+    never uses (zero gradient; its bucket must not hold back the others) and a
+    forward counter."""
+
+    def __init__(self, bn: bool, hidden: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, hidden, 3, padding=1)
+        self.bn = nn.BatchNorm2d(hidden) if bn else nn.Identity()
+        self.fc = nn.Linear(hidden * 25, 7)
+        self.unused = nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls = self.calls + 1      # a buffer replaced (not updated in place) by forward
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def make_net(bn: bool, hidden: int = 5) -> Net:
+    torch.manual_seed(1234)
+    return Net(bn, hidden)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def branchy_loss(model, batch):
+    # Uses `unused` on some batches only: the set of parameters with a
+    # gradient changes from pass to pass (and between the two halves). The
+    # flag is not a tensor, so every shard of a batch sees the same one.
+    x, y, use = batch
+    loss = F.cross_entropy(model(x), y)
+    if use:
+        loss = loss + 0.1 * model.unused(x[:, 0, 0, :3]).square().mean()
+    return loss
+
+
+def batches(n: int, size: int, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 5, 5, generator=g), torch.randint(0, 7, (size,), generator=g))
+            for _ in range(n)]
+
+
+def groups(model, lr2=0.1):
+    return [{"params": list(model.conv.parameters()) + list(model.bn.parameters()), "lr": 0.05},
+            {"params": list(model.fc.parameters()) + list(model.unused.parameters()), "lr": lr2,
+             "weight_decay": 1e-3}]
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+def replica(opt):
+    """Everything that must be identical on every rank: parameters, base
+    state, gy, model buffers."""
+    parts = [opt.model.parameters()]
+    for b in opt._bufs:
+        parts.append(b.state.values())
+        if hasattr(b, "gy"):
+            parts.append([b.gy])
+    parts.append(opt.model.buffers())
+    return flat([t for p in parts for t in p])
+
+
+# ---------------------------------------------------------------- the ranks
+def _run(method, opt_kwargs, data, model, engine, lossf=loss_fn, **engine_kwargs):
+    cls = SAMPa if method == "sampa" else SAM
+    if opt_kwargs.pop("scaler", False):
+        opt_kwargs["grad_scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = cls(model, lossf, opt_kwargs.pop("base"), params=groups(model), engine=engine,
+              **opt_kwargs, **engine_kwargs)
+    losses, xs = [], []
+    for b in data:
+        losses.append(opt.step(b).item())
+        xs.append(flat(model.parameters()))
+    return opt, losses, xs
+
+
+def _trajectory(method, base_kwargs, data, bn, lossf=loss_fn, **engine_kwargs):
+    out = {}
+    for engine in ("serial", "distributed"):
+        kw = dict(base_kwargs)
+        ekw = engine_kwargs if engine == "distributed" else {}
+        opt, losses, xs = _run(method, kw, data, make_net(bn), engine, lossf, **ekw)
+        out[engine] = {"losses": losses, "x": xs, "replica": replica(opt),
+                       "stats": dict(getattr(opt.engine, "stats", {}))}
+    return out
+
+
+SGD = dict(base=torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, rho=0.05)
+ADAMW = dict(base=torch.optim.AdamW, lr=0.01, weight_decay=0.01, amsgrad=True, rho=0.05)
+
+
+def _scenario_main(rank, world):
+    import torch.distributed as dist
+    res = {}
+    k = world // 2
+    # SAMPa, SGD: with 2 ranks (k = 1) each half sees the whole batch, so the
+    # model may have batch norm and the trajectory must be bit-identical.
+    res["sgd"] = _trajectory("sampa", dict(SGD, lam=0.3), batches(20, 13), bn=(k == 1),
+                             bucket_bytes=512, timeout=60)
+    res["adamw"] = _trajectory("sampa", dict(ADAMW, lam=0.5), batches(6, 10, seed=3), bn=False,
+                               bucket_bytes=256, timeout=60)
+    # Gradient accumulation (micro-batches of each rank's shard), a GradScaler
+    # and clipping; then micro-batches given by the caller (sizes 7 and 6).
+    res["training"] = _trajectory("sampa", dict(SGD, lam=0.3, accumulation_steps=2, scaler=True,
+                                                max_grad_norm=0.5),
+                                  batches(5, 13, seed=8), bn=False, bucket_bytes=512)
+    data = [MicroBatches([(x[:7], y[:7]), (x[7:], y[7:])]) for x, y in batches(4, 13, seed=12)]
+    res["micro"] = _trajectory("sampa", dict(SGD, lam=0.3), data, bn=False, bucket_bytes=512)
+    res["sam_micro"] = _trajectory("sam", dict(SGD, accumulation_steps=3), batches(4, 13, seed=13),
+                                   bn=False, bucket_bytes=512)
+    # Any other base optimizer takes the generic path (its own step()).
+    res["generic"] = _trajectory("sampa", dict(base=torch.optim.Adam, lr=0.01, rho=0.05, lam=0.2),
+                                 batches(4, 10, seed=6), bn=False, bucket_bytes=512)
+    res["sam"] = _trajectory("sam", SGD, batches(6, 13, seed=5), bn=False, bucket_bytes=512, timeout=60)
+    data = [(x, y, i % 3 != 1) for i, (x, y) in enumerate(batches(8, 13, seed=2))]
+    res["branchy"] = _trajectory("sampa", dict(SGD, lam=0.3), data, bn=False,
+                                 lossf=branchy_loss, bucket_bytes=512)
+    res["no_overlap"] = _trajectory("sampa", dict(SGD, lam=0.3), batches(5, 13), bn=(k == 1),
+                                    bucket_bytes=512, overlap=False)
+
+    # A param group added after 3 steps (on every rank): new buckets and hooks,
+    # fingerprint checked again, same trajectory as serial.
+    data = [(x, y, True) for x, y in batches(6, 13, seed=4)]
+    res["grown"] = {}
+    for engine in ("serial", "distributed"):
+        model = make_net(False)
+        opt = SAMPa(model, branchy_loss, torch.optim.SGD, params=groups(model)[:1], lr=0.1,
+                    momentum=0.9, rho=0.05, lam=0.3, engine=engine)
+        xs = []
+        for i, b in enumerate(data):
+            if i == 3:
+                opt.add_param_group({"params": list(model.fc.parameters()) + list(model.unused.parameters()),
+                                     "lr": 0.2})
+            opt.step(b)
+            xs.append(flat(model.parameters()))
+        res["grown"][engine] = {"x": xs, "replica": replica(opt), "losses": [],
+                                "stats": dict(getattr(opt.engine, "stats", {}))}
+
+    # Batches already sharded per rank: ranks r and r + k get shard r % k.
+    data = batches(5, 12, seed=11)
+    kw = dict(SGD, lam=0.3)
+    base = kw.pop("base")
+    opt = SAMPa(make_net(False), loss_fn, base, engine="distributed", sharded_batches=True, **kw)
+    assert (opt.engine.data_rank, opt.engine.data_world_size) == (rank % k, k)
+    xs = []
+    for b in data:
+        opt.step(shard_batch(b, opt.engine.data_rank, opt.engine.data_world_size)[0])
+        xs.append(flat(opt.model.parameters()))
+    res["sharded"] = {"x": xs, "replica": replica(opt)}
+    ref = SAMPa(make_net(False), loss_fn, base, engine="distributed", **kw)
+    res["sharded"]["global_x"] = []
+    for b in data:
+        ref.step(b)
+        res["sharded"]["global_x"].append(flat(ref.model.parameters()))
+
+    # Fingerprint: the last rank differs in a hyperparameter, then in the model.
+    for name, (lr2, hidden) in {"lr": (0.2, 5), "shape": (0.1, 6)}.items():
+        last = rank == world - 1
+        model = make_net(False, hidden if last else 5)
+        try:
+            SAMPa(model, loss_fn, torch.optim.SGD, params=groups(model, lr2 if last else 0.1),
+                  lr=0.1, momentum=0.9, engine="distributed")
+            res[f"fingerprint_{name}"] = None
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            res[f"fingerprint_{name}"] = (type(e).__name__, str(e))
+
+    if world == 4:
+        # A 3-rank group: SAMPa refuses it, SAM runs data-parallel over it.
+        sub = dist.new_group([0, 1, 2])
+        if rank < 3:
+            try:
+                SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, engine="distributed",
+                      process_group=sub)
+                res["odd"] = None
+            except Exception as e:  # noqa: BLE001
+                res["odd"] = (type(e).__name__, str(e))
+            res["sam3"] = _trajectory("sam", SGD, batches(4, 13, seed=9), bn=False, process_group=sub)
+        # Fewer samples than data-parallel ranks: the same clear error on every rank.
+        opt = SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, engine="distributed")
+        try:
+            opt.step(batches(1, 1)[0])
+            res["tiny"] = None
+        except Exception as e:  # noqa: BLE001
+            res["tiny"] = (type(e).__name__, str(e))
+    return res
+
+
+def _scenario_failure(rank, world, victim, how, timeout):
+    """The victim rank dies (os._exit) or stalls inside loss_fn at step 3; the
+    others record what they raised and how long it took."""
+    stop = {"armed": False}
+
+    def deadly_loss(model, batch):
+        if stop["armed"] and rank == victim:
+            if how == "die":
+                os._exit(17)
+            time.sleep(120)
+        return loss_fn(model, batch)
+
+    opt = SAMPa(make_net(False), deadly_loss, torch.optim.SGD, lr=0.1, momentum=0.9,
+                engine="distributed", timeout=timeout, bucket_bytes=512)
+    for i, b in enumerate(batches(6, 8)):
+        stop["armed"] = i == 3
+        t0 = time.monotonic()
+        try:
+            opt.step(b)
+        except Exception as e:  # noqa: BLE001
+            return {"step": i, "error": (type(e).__name__, str(e)), "seconds": time.monotonic() - t0}
+    return {"step": None, "error": None}
+
+
+def _scenario_bad_loss(rank, world):
+    """loss_fn ignores its model argument: the y-ranks catch it on the first
+    step, as the serial engine does; the x̃-ranks then fail instead of waiting."""
+    model = make_net(False)
+    opt = SAMPa(model, lambda m, b: loss_fn(model, b), torch.optim.SGD, lr=0.1,
+                engine="distributed", timeout=20)
+    t0 = time.monotonic()
+    try:
+        opt.step(batches(1, 8)[0])
+        return {"error": None}
+    except Exception as e:  # noqa: BLE001
+        return {"error": (type(e).__name__, str(e)), "seconds": time.monotonic() - t0}
+
+
+def _worker(rank, world, init_file, out_dir, scenario, args):
+    sys.path.insert(0, REPO)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=60))
+        scenarios = {"main": _scenario_main, "failure": _scenario_failure,
+                     "bad_loss": _scenario_bad_loss}
+        res = scenarios[scenario](rank, world, *args)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        res = {"worker_error": traceback.format_exc()}
+    torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
+    sys.stdout.flush()
+    # A broken process group may block in its destructor: leave at once.
+    os._exit(0)
+
+
+def _context():
+    # A fork server that has imported torch once: each rank then starts in
+    # well under a second instead of importing torch again (seconds each on
+    # loaded machines), and, unlike plain fork, from a single-threaded parent.
+    ctx = mp.get_context("forkserver")
+    # (torch._dynamo: torch.optim imports it on first use, seconds by itself)
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused", __name__])
+    return ctx
+
+
+def launch(world, scenario, *args, deadline=150.0, expect_dead=()):
+    """Run `scenario` on `world` processes; return each rank's result (None
+    for ranks in `expect_dead`). Never hangs: stragglers are killed."""
+    ctx = _context()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [ctx.Process(target=_worker, args=(r, world, init_file, tmp, scenario, args))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        end = time.monotonic() + deadline
+        for r, p in enumerate(procs):
+            if r in expect_dead:
+                continue
+            p.join(max(0.0, end - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive() and r not in expect_dead]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        assert not hung, f"ranks {hung} of the {scenario} scenario did not finish within {deadline} s"
+        out = []
+        for r in range(world):
+            path = os.path.join(tmp, f"{r}.pt")
+            if r in expect_dead:
+                out.append(None)
+                continue
+            assert os.path.exists(path), f"rank {r} exited with code {procs[r].exitcode} and no result"
+            res = torch.load(path, weights_only=False)
+            assert "worker_error" not in res, f"rank {r} failed:\n{res['worker_error']}"
+            out.append(res)
+        return out
+
+
+@pytest.fixture(scope="module")
+def two():
+    return launch(2, "main")
+
+
+@pytest.fixture(scope="module")
+def four():
+    return launch(4, "main")
+
+
+# ---------------------------------------------------------------- trajectories
+def _close(a, b, exact):
+    if exact:
+        assert torch.equal(a, b), f"max difference {(a - b).abs().max().item():.3g}"
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", ["sgd", "adamw", "generic", "training", "micro", "branchy", "grown",
+                                  "no_overlap"])
+def test_sampa_two_ranks_equals_serial_exactly(two, case):
+    # k = 1: each half runs the whole batch, in the same order, on 1 thread.
+    for res in two:
+        r = res[case]
+        assert r["distributed"]["losses"] == r["serial"]["losses"]
+        for xd, xs in zip(r["distributed"]["x"], r["serial"]["x"]):
+            _close(xd, xs, exact=True)
+
+
+@pytest.mark.parametrize("case", ["sgd", "adamw", "generic", "training", "micro", "branchy", "grown",
+                                  "no_overlap"])
+def test_sampa_four_ranks_matches_serial(four, case):
+    # k = 2: shards of 7 and 6 samples (odd batch 13) or 5 and 5; sharded means
+    # differ from the full-batch mean only by rounding.
+    for res in four:
+        r = res[case]
+        torch.testing.assert_close(torch.tensor(r["distributed"]["losses"]),
+                                   torch.tensor(r["serial"]["losses"]), rtol=1e-5, atol=1e-6)
+        for xd, xs in zip(r["distributed"]["x"], r["serial"]["x"]):
+            _close(xd, xs, exact=False)
+
+
+@pytest.mark.parametrize("fixture", ["two", "four"])
+def test_sam_data_parallel_matches_serial(fixture, request):
+    for res in request.getfixturevalue(fixture):
+        for case in ("sam", "sam_micro"):
+            r = res[case]
+            for xd, xs in zip(r["distributed"]["x"], r["serial"]["x"]):
+                _close(xd, xs, exact=False)
+
+
+def test_sam_on_three_ranks(four):
+    for res in four[:3]:
+        for xd, xs in zip(res["sam3"]["distributed"]["x"], res["sam3"]["serial"]["x"]):
+            _close(xd, xs, exact=False)
+    assert torch.equal(four[0]["sam3"]["distributed"]["replica"], four[2]["sam3"]["distributed"]["replica"])
+
+
+@pytest.mark.parametrize("fixture", ["two", "four"])
+def test_replicas_identical_on_every_rank(fixture, request):
+    results = request.getfixturevalue(fixture)
+    for case in ("sgd", "adamw", "generic", "training", "micro", "sam", "sam_micro", "branchy",
+                 "grown", "no_overlap"):
+        ref = results[0][case]["distributed"]["replica"]
+        for r, res in enumerate(results[1:], 1):
+            assert torch.equal(res[case]["distributed"]["replica"], ref), f"{case}: rank {r} differs"
+        for r, res in enumerate(results):  # and every step's parameters, not only the last
+            for xd, x0 in zip(res[case]["distributed"]["x"], results[0][case]["distributed"]["x"]):
+                assert torch.equal(xd, x0)
+    # 20 steps, and the parameters moved (a frozen model would pass trivially)
+    sgd = results[0]["sgd"]["distributed"]["x"]
+    assert len(sgd) == 20 and (sgd[-1] - sgd[0]).abs().max() > 1e-3
+
+
+def test_batch_norm_statistics_follow_rank_zero(two):
+    # The y-rank never runs the user's model: its running statistics come from
+    # rank 0 and equal the serial run's.
+    for res in two:
+        assert torch.equal(res["sgd"]["distributed"]["replica"], res["sgd"]["serial"]["replica"])
+
+
+@pytest.mark.parametrize("fixture", ["two", "four"])
+def test_buckets_start_during_backward(fixture, request):
+    for res in request.getfixturevalue(fixture):
+        # every bucket, that of the never-used parameter included, starts
+        # before backward returns
+        st = res["sgd"]["distributed"]["stats"]
+        assert st["buckets_during_backward"] > 20 and st["buckets_after_backward"] == 0
+        # parameters used on some passes only: still correct (see the
+        # trajectory tests); what could not start early starts right after
+        st = res["branchy"]["distributed"]["stats"]
+        assert st["buckets_during_backward"] > 0
+        st = res["no_overlap"]["distributed"]["stats"]
+        assert st["buckets_during_backward"] == 0 and st["buckets_after_backward"] > 0
+
+
+@pytest.mark.parametrize("fixture", ["two", "four"])
+def test_sharded_batches(fixture, request):
+    results = request.getfixturevalue(fixture)
+    for res in results:
+        # equal shards: the same weights as the engine's own sharding
+        for a, b in zip(res["sharded"]["x"], res["sharded"]["global_x"]):
+            assert torch.equal(a, b)
+        assert torch.equal(res["sharded"]["replica"], results[0]["sharded"]["replica"])
+
+
+@pytest.mark.parametrize("fixture", ["two", "four"])
+def test_fingerprint_mismatch_raises_on_every_rank(fixture, request):
+    results = request.getfixturevalue(fixture)
+    world = len(results)
+    for res in results:
+        kind, msg = res["fingerprint_lr"]
+        assert kind == "RuntimeError"
+        assert "hyperparameters of param group 1" in msg and f"rank {world - 1}" in msg
+        assert "lr=0.2" in msg
+        kind, msg = res["fingerprint_shape"]
+        assert kind == "RuntimeError" and "parameters of param group 0" in msg
+        assert "(6, 3, 3, 3)" in msg
+
+
+def test_odd_world_size_refused(four):
+    for res in four[:3]:
+        kind, msg = res["odd"]
+        assert kind == "ValueError" and "even world size" in msg and "got 3" in msg
+
+
+def test_batch_smaller_than_half_refused(four):
+    for res in four:
+        kind, msg = res["tiny"]
+        assert kind == "ValueError" and "1 samples cannot be split over 2" in msg
+
+
+# ---------------------------------------------------------------- failures
+def test_killed_rank_gives_errors_not_a_hang():
+    timeout = 20.0
+    t0 = time.monotonic()
+    results = launch(4, "failure", 3, "die", timeout, deadline=90.0, expect_dead=(3,))
+    for r, res in enumerate(results[:3]):
+        assert res["step"] == 3, f"rank {r}: {res}"
+        kind, msg = res["error"]
+        assert kind == "RuntimeError" and f"rank {r} of 4" in msg and "restart all ranks" in msg, msg
+        assert res["seconds"] < timeout + 10
+    assert time.monotonic() - t0 < 90
+
+
+def test_stalled_rank_times_out():
+    # A rank that is alive but never arrives: the others fail after `timeout`.
+    timeout = 3.0
+    results = launch(2, "failure", 1, "stall", timeout, deadline=60.0, expect_dead=(1,))
+    res = results[0]
+    assert res["step"] == 3
+    kind, msg = res["error"]
+    assert kind == "RuntimeError" and "timeout (3 s" in msg, msg
+    assert timeout - 0.5 < res["seconds"] < timeout + 20
+
+
+def test_loss_ignoring_its_model_is_caught_on_the_y_rank():
+    x_rank, y_rank = launch(2, "bad_loss", deadline=60.0)
+    kind, msg = y_rank["error"]
+    assert kind == "ValueError" and "model it is given" in msg
+    kind, msg = x_rank["error"]
+    assert kind == "RuntimeError" and "rank 0 of 2" in msg
+    assert x_rank["seconds"] < 30
+
+
+TORCHRUN_SCRIPT = """
+import torch, torch.nn.functional as F
+from torch import nn
+from sampa_fused import SAMPa
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
+opt = SAMPa(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), torch.optim.SGD,
+            lr=0.1, momentum=0.9, engine="distributed", timeout=60)
+g = torch.Generator().manual_seed(1)
+for _ in range(4):
+    opt.step((torch.randn(11, 6, generator=g), torch.randint(0, 3, (11,), generator=g)))
+x = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+print("RESULT", torch.distributed.get_rank(), opt.engine.role, x.double().sum().item(), flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_launch_initializes_the_group(tmp_path):
+    # As the README says: no init_process_group call in the script; the
+    # engine initializes the default group from torchrun's environment.
+    import subprocess
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(script)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = sorted(l.split() for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    assert [(l[1], l[2]) for l in lines] == [("0", "x"), ("1", "y")]
+    assert lines[0][3] == lines[1][3]
+
+
+# ---------------------------------------------------------------- in-process
+Pair = collections.namedtuple("Pair", "x y")
+
+
+@pytest.mark.parametrize("n,parts", [(13, 2), (13, 4), (7, 7), (10, 3), (5, 1)])
+def test_shard_batch_covers_batch(n, parts):
+    x, y = torch.randn(n, 3), torch.randn(n)
+    batch = {"pair": Pair(x, y), "scale": torch.tensor(2.0), "name": "b", "list": [x]}
+    pieces, weights = [], []
+    for i in range(parts):
+        s, w = shard_batch(batch, i, parts)
+        assert isinstance(s["pair"], Pair) and s["name"] == "b" and torch.equal(s["scale"], batch["scale"])
+        assert s["pair"].x.shape[0] == s["pair"].y.shape[0] == s["list"][0].shape[0]
+        assert s["pair"].x.shape[0] in (n // parts, -(-n // parts))
+        pieces.append(s["pair"].x)
+        weights.append(w)
+    assert torch.equal(torch.cat(pieces), x)
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights == [p.shape[0] / n for p in pieces]
+
+
+def test_shard_batch_refuses_what_it_cannot_shard():
+    with pytest.raises(ValueError, match="different sizes"):
+        shard_batch((torch.randn(4, 2), torch.randn(5)), 0, 2)
+    with pytest.raises(ValueError, match="3 samples cannot be split over 4"):
+        shard_batch(torch.randn(3, 2), 0, 4)
+    with pytest.raises(TypeError, match="sharded_batches=True"):
+        shard_batch({"x": torch.randn(4), "obj": object()}, 0, 2)
+    with pytest.raises(TypeError, match="no tensor"):
+        shard_batch((1, "a"), 0, 2)
+
+
+@pytest.mark.parametrize("cap", [4, 200, 1 << 20])
+def test_buckets_tile_every_slab(cap):
+    params = [torch.randn(s) for s in (7, 33, 1, 129, 5)] + [torch.randn(9, dtype=torch.float64)]
+    slabs = build_slabs(params, [0, 0, 1, 1, 1, 0])
+    buckets = plan_buckets(slabs, cap)
+    for si, slab in enumerate(slabs):
+        mine = sorted((b.start, b.end) for b in buckets if b.slab == si)
+        assert mine[0][0] == 0 and mine[-1][1] == slab.numel
+        assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+    assert sorted(i for b in buckets for i in b.params) == list(range(len(params)))
+    # last parameters first, as backward produces them
+    order = [max(b.params) for b in buckets]
+    assert order == sorted(order, reverse=True)
+
+
+def test_needs_an_initialized_group(monkeypatch):
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, engine="distributed")
+
+
+def test_option_validation():
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    model = make_net(False)
+    with pytest.raises(TypeError, match="timeout"):
+        SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, engine="distributed", timeout="soon")
+    with pytest.raises(ValueError, match="positive"):
+        SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, engine="distributed", timeout=0)
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, engine="distributed", bucket_bytes=0)
+    assert DEFAULT_TIMEOUT_S > 0
