@@ -375,17 +375,22 @@ class _FlatSharpness(torch.optim.Optimizer):
         return False
 
     # --------------------------------------------------------- mixed precision
-    def _unscale(self, names: Sequence[str]) -> None:
-        """Divide the named gradient buffers of every replica by the loss scale
-        (read from device memory: no host synchronisation)."""
+    def _loss_scales(self, names: Sequence[str]) -> list:
+        """Per replica: 1 / loss scale (a device tensor: no host synchronisation)
+        for the backend to unscale the named gradient buffers on the fly, or
+        None. Where the gradients are used outside the fused updates (clipping,
+        a generic base optimizer) they are unscaled in place here instead."""
         if self.grad_scaler is None:
-            return
+            return [None] * len(self._replicas)
         inv = self.grad_scaler._scale.double().reciprocal().float()
-        for bufs in self._replicas:
-            inv_d = inv.to(bufs[0].x.device, non_blocking=True)
+        invs = [inv.to(bufs[0].x.device, non_blocking=True) for bufs in self._replicas]
+        if self.rule.fused and self.max_grad_norm is None:
+            return invs
+        for bufs, inv_d in zip(self._replicas, invs):
             for b in bufs:
                 for n in names:
                     getattr(b, n).mul_(inv_d)
+        return [None] * len(self._replicas)
 
     def _update_scaler(self, found_inf: bool) -> None:
         scaler = self.grad_scaler
@@ -630,9 +635,9 @@ class SAMPa(_FlatSharpness):
             self._rollback()
             raise
         with torch.no_grad():
-            self._unscale(("g", "gy_new"))
-            checks = [backend.check(bufs, (), ("g", "gy_new"), "gy_new")
-                      for backend, bufs in zip(self._backends, self._replicas)]
+            invs = self._loss_scales(("g", "gy_new"))
+            checks = [backend.check(bufs, (), ("g", "gy_new"), "gy_new", inv_scale=inv)
+                      for backend, bufs, inv in zip(self._backends, self._replicas, invs)]
             loss_ok = torch.isfinite(loss_x) & torch.isfinite(loss_y).to(loss_x.device)
             if not self._accept(loss_ok, checks[0][0]):
                 return loss_x.detach()
@@ -644,11 +649,12 @@ class SAMPa(_FlatSharpness):
                 self._clip(lams)                  # g now holds the clipped combination
                 lams = [0.0] * len(lams)
             if self.rule.fused:
-                for backend, bufs in zip(self._backends, self._replicas):
+                for backend, bufs, inv in zip(self._backends, self._replicas, invs):
                     for b in bufs:
                         for seg in b.slab.segments:
                             hp = hyper[seg.group][0]
-                            backend.sampa_post(b, seg, self.rule, hp, self._state_steps[seg.group], lams[seg.group])
+                            backend.sampa_post(b, seg, self.rule, hp, self._state_steps[seg.group],
+                                               lams[seg.group], inv_scale=inv)
             else:
                 self._generic_post(lams)
             self._gy_sqs = [sq for _, sq in checks]
@@ -723,22 +729,22 @@ class SAM(_FlatSharpness):
         try:
             loss0 = self.engine.gradient(batch, "first pass")                 # g = grad f(x, b)
             with torch.no_grad():
-                self._unscale(("g",))
+                invs = self._loss_scales(("g",))
                 firsts = []
-                for backend, bufs in zip(self._backends, self._replicas):
-                    ok0, g_sq = backend.check(bufs, (), ("g",), "g")
+                for backend, bufs, inv in zip(self._backends, self._replicas, invs):
+                    ok0, g_sq = backend.check(bufs, (), ("g",), "g", inv_scale=inv)
                     firsts.append(ok0)
                     g_norm = g_sq.sqrt()
                     for b in bufs:                                             # xt = x + rho g/(||g||+eps)
                         for seg in b.slab.segments:
-                            backend.sam_perturb(b, seg, hyper[seg.group][1], g_norm)
+                            backend.sam_perturb(b, seg, hyper[seg.group][1], g_norm, inv_scale=inv)
             loss = self.engine.gradient(batch, "perturbed pass")              # g = grad f(xt, b)
         except BaseException:
             self._rollback()
             raise
         with torch.no_grad():
-            self._unscale(("g",))
-            ok, _ = self.backend.check(self._replicas[0], (), ("g",), None)
+            invs = self._loss_scales(("g",))
+            ok, _ = self.backend.check(self._replicas[0], (), ("g",), None, inv_scale=invs[0])
             # an overflowed first gradient poisons the perturbed pass: that is
             # the first pass's fault, not a non-finite loss
             loss_ok = torch.isfinite(loss0) & (torch.isfinite(loss) | ~firsts[0])
@@ -747,11 +753,12 @@ class SAM(_FlatSharpness):
             if self.max_grad_norm is not None:
                 self._clip(None)
             if self.rule.fused:                                                # x, s = base_step(x, s, g)
-                for backend, bufs in zip(self._backends, self._replicas):
+                for backend, bufs, inv in zip(self._backends, self._replicas, invs):
                     for b in bufs:
                         for seg in b.slab.segments:
                             hp = hyper[seg.group][0]
-                            backend.sam_post(b, seg, self.rule, hp, self._state_steps[seg.group])
+                            backend.sam_post(b, seg, self.rule, hp, self._state_steps[seg.group],
+                                             inv_scale=inv)
             else:
                 for b in self._bufs:
                     b.x.copy_(b.x_save)

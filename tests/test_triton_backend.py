@@ -483,6 +483,148 @@ def test_empty_check_and_zero_norm():
     assert torch.equal(bt.x, x0) and torch.equal(bt.x_save, x0)
 
 
+# ------------------------------------------------------------ GradScaler unscaling
+# The gradient buffers hold values scaled by the loss scale; the kernels unscale
+# them as they load them (inv_scale read from device memory). 1536 is not a
+# power of two, so the unscaling rounds and both backends must round alike.
+LOSS_SCALE = 1536.0
+
+UNSCALE_CASES = [
+    ("sgd", sgd_hp(momentum=0.0, weight_decay=0.0), 3),
+    ("sgd", sgd_hp(), 0),                           # first step: the buffer is not read
+    ("sgd", sgd_hp(nesterov=True), 4),
+    ("sgd", sgd_hp(dampening=0.4, maximize=True), 7),
+    ("adamw", adamw_hp(), 0),
+    ("adamw", adamw_hp(amsgrad=True, maximize=True), 9),
+    ("adamw", adamw_hp(betas=(0.2, 0.5), weight_decay=0.0), 3),
+]
+
+
+def scaled_bufs(rule, hp, dtype, seed):
+    """make_bufs with g and gy_new scaled by LOSS_SCALE (unscaled values O(1))."""
+    bt, br = make_bufs(SIZES, dtype=dtype, groups=[0, 0, 1, 1, 1], state_names=rule.state_names(hp),
+                       seed=seed)
+    for b in (bt, br):
+        b.g.mul_(LOSS_SCALE)
+        b.gy_new.mul_(LOSS_SCALE)
+    return bt, br
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rule_name,hp,step", UNSCALE_CASES)
+def test_unscaled_kernels_match_torch_backend(rule_name, hp, step, dtype):
+    rule = SGDRule if rule_name == "sgd" else AdamWRule
+    tri, ref = TritonBackendSmall(), TorchBackend()
+    inv = torch.tensor(1.0 / LOSS_SCALE, device=DEV)
+    norm = torch.tensor(1.3, device=DEV)
+    eps = torch.finfo(dtype).eps
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 * eps, atol=2 * eps)
+    for k, lam in enumerate((0.0, 0.2, 1.0)):
+        bt, br = scaled_bufs(rule, hp, dtype, seed=20 + k)
+        g0, gy_new0 = bt.g.clone(), bt.gy_new.clone()
+        for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
+            tri.sampa_post(bt, seg_t, rule, hp, step, lam, inv_scale=inv)
+            ref.sampa_post(br, seg_r, rule, hp, step, lam, inv_scale=inv)
+        assert_bufs_close(bt, br, **tol)
+        # The scaled buffers are left as they are; the commit is gy_new / scale
+        # rounded once to the buffer dtype, as in the torch backend (bit-exact
+        # but for the interpreter's fp32 -> bf16 cast, which truncates).
+        assert torch.equal(bt.g, g0) and torch.equal(bt.gy_new, gy_new0)
+        if dtype == torch.float32 or CUDA:
+            assert torch.equal(bt.gy, br.gy)
+            assert torch.equal(bt.gy, (gy_new0.float() * inv).to(dtype))
+    # SAM on the last buffers: perturb with the unscaled g, then the step.
+    for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
+        tri.sam_perturb(bt, seg_t, 0.07, norm, inv_scale=inv)
+        ref.sam_perturb(br, seg_r, 0.07, norm, inv_scale=inv)
+    assert_bufs_close(bt, br, **tol)
+    for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
+        tri.sam_post(bt, seg_t, rule, hp, step + 1, inv_scale=inv)
+        ref.sam_post(br, seg_r, rule, hp, step + 1, inv_scale=inv)
+    assert_bufs_close(bt, br, **tol)
+
+
+def test_unit_inv_scale_is_the_unscaled_path():
+    """inv_scale = 1 (the UNSCALE kernels) is bit-identical to inv_scale=None."""
+    tri = TritonBackendSmall()
+    one = torch.ones((), device=DEV)
+    norm = torch.tensor(0.9, device=DEV)
+    for rule, hp in [(SGDRule, sgd_hp(nesterov=True)), (AdamWRule, adamw_hp(amsgrad=True))]:
+        a, b = make_bufs(SIZES, groups=[0, 0, 1, 1, 1], state_names=rule.state_names(hp), seed=31)
+        for seg_a, seg_b in zip(a.slab.segments, b.slab.segments):
+            tri.sampa_post(a, seg_a, rule, hp, 2, 0.3)
+            tri.sampa_post(b, seg_b, rule, hp, 2, 0.3, inv_scale=one)
+            tri.sam_perturb(a, seg_a, 0.1, norm)
+            tri.sam_perturb(b, seg_b, 0.1, norm, inv_scale=one)
+            tri.sam_post(a, seg_a, rule, hp, 3)
+            tri.sam_post(b, seg_b, rule, hp, 3, inv_scale=one)
+        for (name, t), u in zip(all_buffers(a).items(), all_buffers(b).values()):
+            assert torch.equal(t, u), name
+        assert torch.equal(tri.check([a], (), ("g", "gy_new"), "gy_new")[1],
+                           tri.check([b], (), ("g", "gy_new"), "gy_new", inv_scale=one)[1])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy sees the injected inf
+@pytest.mark.parametrize("config", [SMALL, None], ids=["small-blocks", "default-blocks"])
+def test_unscaled_check_matches_torch_and_flags_nonfinite(config):
+    from sampa_fused.backends.triton_backend import TritonBackend
+    tri, ref = TritonBackend(DEV, config), TorchBackend()
+    inv = torch.tensor(1.0 / LOSS_SCALE, device=DEV)
+    slabs = [make_bufs([1000, 7, 1], seed=40 + s)[0] for s in range(2)]
+    slabs.append(make_bufs([333], dtype=torch.bfloat16, seed=49)[0])
+    for b in slabs:
+        b.g.mul_(LOSS_SCALE)
+        b.gy_new.mul_(LOSS_SCALE)
+    loss = torch.tensor(1.5, device=DEV)
+    for grads, sq_attr, losses in [(("g", "gy_new"), "gy_new", (loss,)), (("g",), "g", ()),
+                                   (("g",), None, (loss,))]:
+        ok, sq = tri.check(slabs, losses, grads, sq_attr, inv_scale=inv)
+        ok_r, sq_r = ref.check(slabs, losses, grads, sq_attr, inv_scale=inv)
+        assert ok.dtype == torch.bool and ok.shape == () and sq.dtype == torch.float32 and sq.shape == ()
+        assert bool(ok) and bool(ok_r)
+        if sq_attr is None:
+            assert sq.item() == 0.0
+        else:
+            assert relerr(sq, sq_r) <= 1e-6
+            # the norm is of the unscaled values: not the scaled sum / scale^2 by luck
+            exact = sum((getattr(b, sq_attr).double() * inv.double()).square().sum() for b in slabs)
+            assert abs(sq.item() - exact.item()) / exact.item() <= 1e-5
+    # Non-finite values still refuse the step; an unscaled value whose square
+    # overflows fp32 does too, and a scaled one whose unscaled square fits does not.
+    b = slabs[1]
+    for name, i, value, expect in [("g", 1005, float("nan"), False), ("gy_new", 3, float("inf"), False),
+                                   ("gy_new", 500, float("-inf"), False), ("gy_new", 7, 1e30, False),
+                                   ("gy_new", 7, 1e20, True)]:
+        old = getattr(b, name)[i].item()
+        getattr(b, name)[i] = value
+        ok, _ = tri.check(slabs, (loss,), ("g", "gy_new"), "gy_new", inv_scale=inv)
+        ok_r, _ = ref.check(slabs, (loss,), ("g", "gy_new"), "gy_new", inv_scale=inv)
+        assert bool(ok) == bool(ok_r) == expect, (name, value)
+        getattr(b, name)[i] = old
+    b.gy_new[7] = 1e20                   # (1e20)^2 overflows fp32; (1e20 / 1536)^2 does not
+    assert not bool(tri.check(slabs, (), ("g",), "gy_new")[0])
+    assert bool(tri.check(slabs, (), ("g",), "gy_new", inv_scale=inv)[0])
+    bad_loss = torch.tensor(float("nan"), device=DEV)
+    assert not bool(tri.check(slabs, (loss, bad_loss), ("g",), "gy_new", inv_scale=inv)[0])
+
+
+def test_bad_inv_scale_is_refused():
+    tri = TritonBackendSmall()
+    hp = sgd_hp()
+    bt, _ = make_bufs([10], state_names=SGDRule.state_names(hp))
+    seg, norm = bt.slab.segments[0], torch.ones((), device=DEV)
+    for bad in (1 / 1024, torch.tensor(1 / 1024, dtype=torch.float64, device=DEV),
+                torch.full((2,), 1 / 1024, device=DEV)):
+        with pytest.raises(TypeError, match="inv_scale must be a 1-element fp32 tensor"):
+            tri.sampa_post(bt, seg, SGDRule, hp, 1, 0.2, inv_scale=bad)
+        with pytest.raises(TypeError, match="inv_scale"):
+            tri.sam_perturb(bt, seg, 0.1, norm, inv_scale=bad)
+        with pytest.raises(TypeError, match="inv_scale"):
+            tri.sam_post(bt, seg, SGDRule, hp, 1, inv_scale=bad)
+        with pytest.raises(TypeError, match="inv_scale"):
+            tri.check([bt], (), ("g",), "g", inv_scale=bad)
+
+
 # ------------------------------------------------------------ bad input
 def test_bad_norm_argument_is_refused():
     from sampa_fused.backends.triton_backend import TritonBackend
@@ -569,8 +711,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
         for a in fn.arg_names:
             sig[a] = ("constexpr" if a in consts else types.get(a) or
                       ("fp32" if a in SCALARS else "i32" if a in ("n", "slot", "n_slots") else dt))
-        sig["norm_ptr"] = "*fp32" if "norm_ptr" in sig else None
-        sig = {k: v for k, v in sig.items() if v is not None}
+        for a in ("norm_ptr", "inv_ptr"):      # 0-dim fp32 device scalars
+            if a in sig:
+                sig[a] = "*fp32"
         # 16-byte aligned pointers and sizes, as the launcher specialises them
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if sig[a].startswith("*") or a == "n"}
@@ -582,17 +725,26 @@ COMPILE_SCRIPT = textwrap.dedent("""
     ad = dict(WEIGHT_DECAY=True, AMSGRAD=True, MAXIMIZE=True, LERP_SMALL=True, BLOCK=C.block)
     out = {}
     out["sgd_pre"] = build(sgd.sgd_pre_kernel, sg, C.num_warps)
-    out["sgd_post_bf16"] = build(sgd.sgd_post_kernel, dict(sg, MIX=True, FIRST=True), C.num_warps, "*bf16")
+    out["sgd_post_bf16"] = build(sgd.sgd_post_kernel, dict(sg, MIX=True, UNSCALE=False, FIRST=True),
+                                 C.num_warps, "*bf16")
+    out["sgd_post_unscale_bf16"] = build(sgd.sgd_post_kernel, dict(sg, MIX=True, UNSCALE=True),
+                                         C.num_warps, "*bf16")
     out["adamw_pre_fp16"] = build(adamw.adamw_pre_kernel, ad, C.num_warps, "*fp16")
-    out["adamw_post"] = build(adamw.adamw_post_kernel, dict(ad, MIX=True), C.num_warps)
-    out["perturb"] = build(perturb.perturb_kernel, dict(BLOCK=C.block), C.num_warps, n="i64")
-    out["check"] = build(reduce.check_partials_kernel, dict(SQ=True, N_CHECK=2, BLOCK=C.reduce_block,
-                         ITERS=C.reduce_iters), C.reduce_warps, "*bf16", parts_ptr="*fp32")
+    out["adamw_post"] = build(adamw.adamw_post_kernel, dict(ad, MIX=True, UNSCALE=False), C.num_warps)
+    out["adamw_post_unscale"] = build(adamw.adamw_post_kernel, dict(ad, MIX=True, UNSCALE=True), C.num_warps)
+    out["perturb"] = build(perturb.perturb_kernel, dict(UNSCALE=False, BLOCK=C.block), C.num_warps, n="i64")
+    out["perturb_unscale"] = build(perturb.perturb_kernel, dict(UNSCALE=True, BLOCK=C.block), C.num_warps)
+    out["check"] = build(reduce.check_partials_kernel, dict(SQ=True, UNSCALE=False, N_CHECK=2,
+                         BLOCK=C.reduce_block, ITERS=C.reduce_iters), C.reduce_warps, "*bf16",
+                         parts_ptr="*fp32")
+    out["check_unscale"] = build(reduce.check_partials_kernel, dict(SQ=True, UNSCALE=True, N_CHECK=2,
+                                 BLOCK=C.reduce_block, ITERS=C.reduce_iters), C.reduce_warps, "*bf16",
+                                 parts_ptr="*fp32")
     out["final"] = build(reduce.check_final_kernel, dict(N_LOSS=2, BLOCK=C.final_block), C.final_warps,
                          loss0_ptr="*fp64", loss1_ptr="*bf16", ok_out_ptr="*i1")
     for name, ptx in out.items():
         print(name, ptx.count("ld.global.v4"), ptx.count("div.rn.f32"), ptx.count("div.full"),
-              ptx.count("sqrt.approx"))
+              ptx.count("sqrt.approx"), ptx.count("ld.global"))
 """)
 
 
@@ -611,11 +763,15 @@ def test_kernels_compile_for_sm90_without_a_gpu():
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in out.stdout.splitlines()}
-    assert set(rows) == {"sgd_pre", "sgd_post_bf16", "adamw_pre_fp16", "adamw_post", "perturb", "check", "final"}
-    for name in ("sgd_pre", "adamw_post", "perturb"):
+    assert set(rows) == {"sgd_pre", "sgd_post_bf16", "sgd_post_unscale_bf16", "adamw_pre_fp16", "adamw_post",
+                         "adamw_post_unscale", "perturb", "perturb_unscale", "check", "check_unscale", "final"}
+    for name in ("sgd_pre", "adamw_post", "adamw_post_unscale", "perturb", "perturb_unscale"):
         assert rows[name][0] > 0, f"{name}: no 16-byte vector loads in the PTX"
-    for name, (_, div_rn, div_full, sqrt_approx) in rows.items():
+    for name, (_, div_rn, div_full, sqrt_approx, _) in rows.items():
         assert div_full == 0 and sqrt_approx == 0, f"{name}: approximate division or sqrt"
+    # GradScaler unscaling costs one scalar load per program, nothing more.
+    for name in ("adamw_post", "perturb", "check"):
+        assert rows[name + "_unscale"][4] == rows[name][4] + 1, (name, rows[name], rows[name + "_unscale"])
     assert rows["sgd_pre"][1] >= 1 and rows["adamw_post"][1] >= 1
 
 
@@ -636,21 +792,24 @@ def test_cuda_no_host_sync_in_backend_calls():
         bt, _ = make_bufs([100003, 17, 1], groups=[0, 1, 1], state_names=rule.state_names(hp))
         loss = torch.tensor(1.0, device=DEV)
         norm = torch.tensor(3.0, device=DEV)
-        tri.check([bt], (loss,), ("g", "gy_new"), "gy_new")     # compile outside the check
-        for seg in bt.slab.segments:
-            tri.sampa_pre(bt, seg, rule, hp, 1, 0.1, norm)
-            tri.sampa_post(bt, seg, rule, hp, 1, 0.2)
-            tri.sam_perturb(bt, seg, 0.1, norm)
-            tri.sam_post(bt, seg, rule, hp, 1)
+        inv = torch.tensor(1 / 1024, device=DEV)                   # a GradScaler's 1 / scale
+        for unscale in (None, inv):                                  # compile outside the check
+            tri.check([bt], (loss,), ("g", "gy_new"), "gy_new", inv_scale=unscale)
+            for seg in bt.slab.segments:
+                tri.sampa_pre(bt, seg, rule, hp, 1, 0.1, norm)
+                tri.sampa_post(bt, seg, rule, hp, 1, 0.2, inv_scale=unscale)
+                tri.sam_perturb(bt, seg, 0.1, norm, inv_scale=unscale)
+                tri.sam_post(bt, seg, rule, hp, 1, inv_scale=unscale)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            ok, sq = tri.check([bt], (loss, loss), ("g", "gy_new"), "gy_new")
-            for seg in bt.slab.segments:
-                tri.sampa_pre(bt, seg, rule, hp, 1, 0.1, sq.sqrt())
-                tri.sampa_post(bt, seg, rule, hp, 1, 0.2)
-                tri.sam_perturb(bt, seg, 0.1, sq.sqrt())
-                tri.sam_post(bt, seg, rule, hp, 1)
+            for unscale in (None, inv):
+                ok, sq = tri.check([bt], (loss, loss), ("g", "gy_new"), "gy_new", inv_scale=unscale)
+                for seg in bt.slab.segments:
+                    tri.sampa_pre(bt, seg, rule, hp, 1, 0.1, sq.sqrt())
+                    tri.sampa_post(bt, seg, rule, hp, 1, 0.2, inv_scale=unscale)
+                    tri.sam_perturb(bt, seg, 0.1, sq.sqrt(), inv_scale=unscale)
+                    tri.sam_post(bt, seg, rule, hp, 1, inv_scale=unscale)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert bool(ok)

@@ -15,6 +15,11 @@ and per param-group segment `seg` of it (`b.x[seg.start:seg.end]`, ...):
 
 `gy_norm` / `g_norm` are 0-dim fp32 tensors on the slab's device: scales are
 read from device memory, never from the host.
+
+With a GradScaler, `check`, `sampa_post`, `sam_perturb` and `sam_post` take
+`inv_scale` (a 0-dim fp32 device tensor, 1 / loss scale): the gradient buffers
+hold scaled values and are unscaled on the fly (the sum of squares and the
+committed gy are of unscaled values); the buffers themselves stay as they are.
 """
 from __future__ import annotations
 

@@ -34,19 +34,18 @@ class TorchBackend:
         scale = rho / (gy_norm + EPS)
         x.copy_(upcast(x) + scale * upcast(gy))
 
-    def sampa_post(self, b, seg, rule, hp, step, lam):
-        g, gy_new = upcast(_seg(b.g, seg)), upcast(_seg(b.gy_new, seg))
-        g = g.mul(1 - lam).add_(gy_new, alpha=lam)
-        self._base_step(b, seg, rule, hp, step, g)
-        _seg(b.gy, seg).copy_(_seg(b.gy_new, seg))
+    def sampa_post(self, b, seg, rule, hp, step, lam, inv_scale=None):
+        g, gy_new = _unscaled(_seg(b.g, seg), inv_scale), _unscaled(_seg(b.gy_new, seg), inv_scale)
+        self._base_step(b, seg, rule, hp, step, g.mul(1 - lam).add_(gy_new, alpha=lam))
+        _seg(b.gy, seg).copy_(gy_new)
 
-    def sam_perturb(self, b, seg, rho, g_norm):
-        x, g = _seg(b.x, seg), _seg(b.g, seg)
+    def sam_perturb(self, b, seg, rho, g_norm, inv_scale=None):
+        x, g = _seg(b.x, seg), _unscaled(_seg(b.g, seg), inv_scale)
         scale = rho / (g_norm + EPS)
-        x.copy_(upcast(x) + scale * upcast(g))
+        x.copy_(upcast(x) + scale * g)
 
-    def sam_post(self, b, seg, rule, hp, step):
-        self._base_step(b, seg, rule, hp, step, _seg(b.g, seg))
+    def sam_post(self, b, seg, rule, hp, step, inv_scale=None):
+        self._base_step(b, seg, rule, hp, step, _unscaled(_seg(b.g, seg), inv_scale))
 
     @staticmethod
     def _base_step(b, seg, rule, hp, step, g):
@@ -57,7 +56,7 @@ class TorchBackend:
             _write(state[n], v)
 
     def check(self, slabs: Sequence, losses: Sequence[torch.Tensor], grads_attr: Sequence[str],
-              sq_attr: str):
+              sq_attr: str, inv_scale=None):
         device = slabs[0].x.device
         ok = torch.ones((), dtype=torch.bool, device=device)
         for loss in losses:
@@ -67,6 +66,12 @@ class TorchBackend:
             for name in grads_attr:
                 ok &= torch.isfinite(getattr(b, name)).all()
             if sq_attr is not None:
-                sq += getattr(b, sq_attr).float().square().sum()
+                sq += _unscaled(getattr(b, sq_attr), inv_scale).float().square().sum()
         ok &= torch.isfinite(sq)
         return ok, sq
+
+
+def _unscaled(t: torch.Tensor, inv_scale) -> torch.Tensor:
+    """The gradient in fp32 math (16-bit upcast), divided by the loss scale if any."""
+    t = upcast(t)
+    return t if inv_scale is None else t * inv_scale

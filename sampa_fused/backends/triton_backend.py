@@ -9,6 +9,10 @@ launch per param-group segment of a flat slab (SPEC section 3).
 - check:       finite check + sum of squares in one pass per slab, then a
                one-program deterministic second stage
 
+With a GradScaler (`inv_scale`, a device tensor holding 1 / scale) the
+gradient buffers keep their scaled values: the kernels multiply them by
+inv_scale as they load them, in the same pass.
+
 Norms and flags stay on the device: nothing in a step synchronises with the
 host. On CPU tensors the same kernels run in Triton's interpreter
 (TRITON_INTERPRET=1), which is how CI exercises them.
@@ -79,11 +83,14 @@ class TritonBackend:
     def _norm(self, t: torch.Tensor, what: str) -> torch.Tensor:
         if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.float32:
             raise TypeError(f"TritonBackend: {what} must be a 1-element fp32 tensor on the device "
-                            f"(the norm is read by the kernel), got {type(t).__name__}"
+                            f"(the kernel reads it from device memory), got {type(t).__name__}"
                             + (f" {t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else ""))
         if t.device != self.device:
             raise ValueError(f"TritonBackend: {what} is on {t.device}, the slab on {self.device}")
         return t
+
+    def _inv(self, inv_scale) -> Optional[torch.Tensor]:
+        return None if inv_scale is None else self._norm(inv_scale, "inv_scale")
 
     @staticmethod
     def _unsupported(rule) -> Exception:
@@ -107,45 +114,51 @@ class TritonBackend:
             else:
                 raise self._unsupported(rule)
 
-    def sampa_post(self, b, seg, rule, hp, step, lam):
-        self._post(b, seg, rule, hp, step, mix=True, lam=lam)
+    def sampa_post(self, b, seg, rule, hp, step, lam, inv_scale=None):
+        self._post(b, seg, rule, hp, step, mix=True, lam=lam, inv_scale=inv_scale)
 
     # ------------------------------------------------------------- SAM
-    def sam_perturb(self, b, seg, rho, g_norm):
+    def sam_perturb(self, b, seg, rho, g_norm, inv_scale=None):
         s = slice(seg.start, seg.end)
         norm = self._norm(g_norm, "g_norm")
+        inv = self._inv(inv_scale)
         with self._guard():
-            self._perturb.perturb(b.x[s], b.g[s], norm, rho, self.config)
+            self._perturb.perturb(b.x[s], b.g[s], norm, rho, self.config, inv_scale=inv)
 
-    def sam_post(self, b, seg, rule, hp, step):
-        self._post(b, seg, rule, hp, step, mix=False, lam=0.0)
+    def sam_post(self, b, seg, rule, hp, step, inv_scale=None):
+        self._post(b, seg, rule, hp, step, mix=False, lam=0.0, inv_scale=inv_scale)
 
-    def _post(self, b, seg, rule, hp, step, mix: bool, lam: float):
+    def _post(self, b, seg, rule, hp, step, mix: bool, lam: float, inv_scale=None):
         s = slice(seg.start, seg.end)
+        inv = self._inv(inv_scale)
         gy_new = b.gy_new[s] if mix else None
         gy = b.gy[s] if mix else None
         with self._guard():
             if rule.name == "sgd":
                 buf = b.state.get("momentum_buffer")
                 self._sgd.sgd_post(b.x[s], b.x_save[s], b.g[s], None if buf is None else buf[s],
-                                   hp, step, self.config, gy_new=gy_new, gy=gy, lam=lam)
+                                   hp, step, self.config, gy_new=gy_new, gy=gy, lam=lam,
+                                   inv_scale=inv)
             elif rule.name == "adamw":
                 self._adamw.adamw_post(b.x[s], b.x_save[s], b.g[s], {k: v[s] for k, v in b.state.items()},
-                                       hp, step, self.config, gy_new=gy_new, gy=gy, lam=lam)
+                                       hp, step, self.config, gy_new=gy_new, gy=gy, lam=lam,
+                                       inv_scale=inv)
             else:
                 raise self._unsupported(rule)
 
     # ------------------------------------------------------------- check
     def check(self, slabs: Sequence, losses: Sequence[torch.Tensor], grads_attr: Sequence[str],
-              sq_attr: Optional[str]):
+              sq_attr: Optional[str], inv_scale=None):
+        inv = self._inv(inv_scale)
         for b in slabs:
             if b.x.device != self.device:
                 raise ValueError(f"TritonBackend.check: a slab is on {b.x.device}, this backend "
                                  f"runs on {self.device}")
         # The squared buffer needs no separate finite check: a NaN or inf in it
-        # makes the sum of squares non-finite, which refuses the step as well.
+        # makes the sum of squares non-finite (also once multiplied by a finite
+        # inv_scale), which refuses the step as well.
         buffers = [(getattr(b, sq_attr) if sq_attr is not None else None,
                     [getattr(b, a) for a in grads_attr if a != sq_attr]) for b in slabs]
         ls = [loss.detach().reshape(()).to(self.device, non_blocking=True) for loss in losses]
         with self._guard():
-            return self._reduce.check(buffers, ls, self.device, self.config)
+            return self._reduce.check(buffers, ls, self.device, self.config, inv_scale=inv)

@@ -10,7 +10,9 @@ unused work compiles away:
 
 Every kernel reads fp32 / bf16 / fp16 buffers, computes in fp32 and stores in
 the buffer's dtype; offsets are int64 so buffers may exceed 2^31 elements.
-Scales such as rho / (||gy|| + eps) are read from device memory.
+Scales such as rho / (||gy|| + eps), and a GradScaler's 1 / scale (``UNSCALE``
+kernels multiply the gradients by it as they load them), are read from device
+memory.
 
 Importing the submodules imports triton. Whether ``@triton.jit`` builds GPU
 kernels or interpreter kernels is decided when they are imported (from the

@@ -4,7 +4,8 @@ fused kernels over one param-group segment of a flat slab.
 pre  (SAMPa steps 1-2): reads x, gy, exp_avg, exp_avg_sq [, max_exp_avg_sq];
      writes x_save = x, x = xt, y = peek (the state is left untouched).
 post (SAMPa steps 4-6 / SAM's step): reads x_save, g [, gy_new], the state;
-     writes x and the state [and gy = gy_new].
+     writes x and the state [and gy = gy_new]. With a loss scale, g and gy_new
+     are unscaled as they are loaded (the committed gy is unscaled).
 
 The op order follows `sampa_fused.rules.AdamWRule.update` (torch.optim.AdamW,
 single-tensor path): lerp for the first moment, mul + addcmul for the second,
@@ -68,18 +69,27 @@ def adamw_pre_kernel(x_ptr, x_save_ptr, y_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, n
 
 
 @triton.jit
-def adamw_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, n,
-                      lam, one_minus_lam, decay, w, beta2, one_minus_beta2, step_size, bc2_sqrt,
-                      eps, MIX: tl.constexpr, WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr,
-                      MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr, BLOCK: tl.constexpr):
+def adamw_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr,
+                      inv_ptr, n, lam, one_minus_lam, decay, w, beta2, one_minus_beta2, step_size,
+                      bc2_sqrt, eps, MIX: tl.constexpr, UNSCALE: tl.constexpr,
+                      WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                      LERP_SMALL: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_save_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if UNSCALE:
+        inv = tl.load(inv_ptr)                          # 1 / loss scale, from the device
+        g = g * inv
     if MIX:
         gy_raw = tl.load(gy_new_ptr + offs, mask=mask)
-        g = g * one_minus_lam + lam * gy_raw.to(tl.float32)
-        tl.store(gy_ptr + offs, gy_raw, mask=mask)      # commit gy_{t+1}
+        if UNSCALE:
+            gy_new = gy_raw.to(tl.float32) * inv
+            g = g * one_minus_lam + lam * gy_new
+            tl.store(gy_ptr + offs, gy_new.to(gy_ptr.dtype.element_ty), mask=mask)   # commit, unscaled
+        else:
+            g = g * one_minus_lam + lam * gy_raw.to(tl.float32)
+            tl.store(gy_ptr + offs, gy_raw, mask=mask)      # commit gy_{t+1}
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     vmax = v
@@ -130,9 +140,11 @@ def adamw_pre(x, x_save, y, gy, state: dict, norm, rho: float, hp: dict, step: i
 
 
 def adamw_post(x, x_save, g, state: dict, hp: dict, step: int, cfg: KernelConfig,
-               gy_new=None, gy=None, lam: float = 0.0) -> None:
+               gy_new=None, gy=None, lam: float = 0.0, inv_scale=None) -> None:
     """x, state <- AdamW step from (x_save, state) with g, or with
-    (1-lam) g + lam gy_new (and gy <- gy_new) when gy_new is given."""
+    (1-lam) g + lam gy_new (and gy <- gy_new) when gy_new is given. With
+    `inv_scale` (a 1-element fp32 device tensor) g and gy_new are multiplied by
+    it as they are loaded, and gy gets the unscaled gy_new."""
     n = x.numel()
     if n == 0:
         return
@@ -142,6 +154,6 @@ def adamw_post(x, x_save, g, state: dict, hp: dict, step: int, cfg: KernelConfig
     if mix and gy is None:
         raise ValueError("adamw_post: gy_new given without gy to commit it to")
     adamw_post_kernel[(triton.cdiv(n, cfg.block),)](
-        x, x_save, g, gy_new if mix else g, gy if mix else g, m, v, vmax, n,
-        float(lam), float(1 - lam), *scalars,
-        MIX=mix, **flags, BLOCK=cfg.block, num_warps=cfg.num_warps)
+        x, x_save, g, gy_new if mix else g, gy if mix else g, m, v, vmax,
+        g if inv_scale is None else inv_scale, n, float(lam), float(1 - lam), *scalars,
+        MIX=mix, UNSCALE=inv_scale is not None, **flags, BLOCK=cfg.block, num_warps=cfg.num_warps)

@@ -1,5 +1,6 @@
 """SAM's perturbation over one segment: x <- x + rho g / (||g|| + eps), the
-norm read from device memory. (x_save already holds x.)"""
+norm read from device memory. (x_save already holds x.) Under a GradScaler g
+holds scaled values and is unscaled as it is loaded."""
 from __future__ import annotations
 
 import triton
@@ -9,18 +10,24 @@ from . import KernelConfig
 
 
 @triton.jit
-def perturb_kernel(x_ptr, g_ptr, norm_ptr, n, rho, BLOCK: tl.constexpr):
+def perturb_kernel(x_ptr, g_ptr, norm_ptr, inv_ptr, n, rho, UNSCALE: tl.constexpr,
+                   BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if UNSCALE:
+        g = g * tl.load(inv_ptr)         # 1 / loss scale, from the device
     scale = tl.div_rn(rho, tl.load(norm_ptr) + 1e-12)
     tl.store(x_ptr + offs, (x + scale * g).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def perturb(x, g, norm, rho: float, cfg: KernelConfig) -> None:
+def perturb(x, g, norm, rho: float, cfg: KernelConfig, inv_scale=None) -> None:
+    """x <- x + rho g / (norm + eps), g multiplied by `inv_scale` (a 1-element
+    fp32 device tensor) first when given; `norm` is then that of the unscaled g."""
     n = x.numel()
     if n == 0:
         return
-    perturb_kernel[(triton.cdiv(n, cfg.block),)](x, g, norm, n, float(rho),
-                                                  BLOCK=cfg.block, num_warps=cfg.num_warps)
+    perturb_kernel[(triton.cdiv(n, cfg.block),)](
+        x, g, norm, norm if inv_scale is None else inv_scale, n, float(rho),
+        UNSCALE=inv_scale is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)

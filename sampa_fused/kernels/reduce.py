@@ -7,7 +7,9 @@ Stage 1 (one launch per slab): each program reduces a fixed chunk of
 "saw a non-finite value" flag, written to its own slot of a partials buffer.
 Stage 2 (one program): sums the partials in a fixed order and checks the
 losses. No atomics: the result depends only on the data and the launch config,
-so two devices holding the same data compute bit-identical norms.
+so two devices holding the same data compute bit-identical norms. Under a
+GradScaler the squared buffer is multiplied by 1 / scale (read from device
+memory) as it is loaded, so the norm is of the unscaled gradient.
 """
 from __future__ import annotations
 
@@ -23,18 +25,22 @@ INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
-def check_partials_kernel(sq_ptr, a_ptr, b_ptr, parts_ptr, n, slot, n_slots,
-                          SQ: tl.constexpr, N_CHECK: tl.constexpr,
+def check_partials_kernel(sq_ptr, a_ptr, b_ptr, parts_ptr, inv_ptr, n, slot, n_slots,
+                          SQ: tl.constexpr, UNSCALE: tl.constexpr, N_CHECK: tl.constexpr,
                           BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     base = pid * (BLOCK * ITERS)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
+    if UNSCALE:
+        inv = tl.load(inv_ptr)           # 1 / loss scale: the norm is of the unscaled values
     for i in tl.static_range(ITERS):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         if SQ:
             s = tl.load(sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if UNSCALE:
+                s = s * inv
             acc += s * s
         if N_CHECK >= 1:
             a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -68,11 +74,14 @@ def check_final_kernel(parts_ptr, n_slots, loss0_ptr, loss1_ptr, sq_out_ptr, ok_
 
 
 def check(buffers: Sequence[Tuple[Optional[torch.Tensor], Sequence[torch.Tensor]]],
-          losses: Sequence[torch.Tensor], device: torch.device, cfg: KernelConfig
-          ) -> Tuple[torch.Tensor, torch.Tensor]:
+          losses: Sequence[torch.Tensor], device: torch.device, cfg: KernelConfig,
+          inv_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """`buffers`: per slab, (the buffer to square or None, the buffers to check
-    for finiteness). `losses`: 0-dim tensors on `device`. Returns (ok, sq):
-    a 0-dim bool and a 0-dim fp32 tensor on `device`. No host synchronisation."""
+    for finiteness). `losses`: 0-dim tensors on `device`. `inv_scale`: None or
+    a 1-element fp32 tensor on `device` (1 / loss scale) that multiplies the
+    squared buffer's values before squaring; the finite checks are unaffected.
+    Returns (ok, sq): a 0-dim bool and a 0-dim fp32 tensor on `device`. No host
+    synchronisation."""
     per_prog = cfg.reduce_block * cfg.reduce_iters
     launches: List[tuple] = []
     n_slots = 0
@@ -96,8 +105,10 @@ def check(buffers: Sequence[Tuple[Optional[torch.Tensor], Sequence[torch.Tensor]
         first = s if s is not None else chunk[0]
         a = chunk[0] if chunk else first
         b = chunk[1] if len(chunk) > 1 else first
-        check_partials_kernel[(nprog,)](first, a, b, parts, n, slot, n_slots,
-                                        SQ=s is not None, N_CHECK=len(chunk),
+        unscale = s is not None and inv_scale is not None
+        check_partials_kernel[(nprog,)](first, a, b, parts, inv_scale if unscale else parts,
+                                        n, slot, n_slots,
+                                        SQ=s is not None, UNSCALE=unscale, N_CHECK=len(chunk),
                                         BLOCK=cfg.reduce_block, ITERS=cfg.reduce_iters,
                                         num_warps=cfg.reduce_warps)
     sq_out = torch.empty((), dtype=torch.float32, device=device)

@@ -5,7 +5,8 @@ pre  (SAMPa steps 1-2): reads x, gy [, buf]; writes x_save = x,
      x = xt = x + rho gy / (||gy|| + eps), y = peek(x, buf, gy).
 post (SAMPa steps 4-6 / SAM's step): reads x_save, g [, gy_new] [, buf];
      g_t = (1 - lam) g + lam gy_new; writes x, buf = base_step(x_save, buf, g_t)
-     [and gy = gy_new, the commit].
+     [and gy = gy_new, the commit]. With a loss scale, g and gy_new are
+     unscaled as they are loaded (g_t and the committed gy are unscaled).
 
 The op order follows `sampa_fused.rules.SGDRule.update` (torch.optim.SGD).
 """
@@ -62,19 +63,27 @@ def sgd_pre_kernel(x_ptr, x_save_ptr, y_ptr, gy_ptr, buf_ptr, norm_ptr, n,
 
 
 @triton.jit
-def sgd_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, buf_ptr, n,
+def sgd_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, buf_ptr, inv_ptr, n,
                     lam, one_minus_lam, lr, momentum, damp1, weight_decay,
-                    MIX: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
-                    NESTEROV: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    MIX: tl.constexpr, UNSCALE: tl.constexpr, MOMENTUM: tl.constexpr,
+                    FIRST: tl.constexpr, NESTEROV: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_save_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if UNSCALE:
+        inv = tl.load(inv_ptr)                          # 1 / loss scale, from the device
+        g = g * inv
     if MIX:
         gy_raw = tl.load(gy_new_ptr + offs, mask=mask)
-        g = g * one_minus_lam + lam * gy_raw.to(tl.float32)
-        tl.store(gy_ptr + offs, gy_raw, mask=mask)      # commit gy_{t+1}
+        if UNSCALE:
+            gy_new = gy_raw.to(tl.float32) * inv
+            g = g * one_minus_lam + lam * gy_new
+            tl.store(gy_ptr + offs, gy_new.to(gy_ptr.dtype.element_ty), mask=mask)   # commit, unscaled
+        else:
+            g = g * one_minus_lam + lam * gy_raw.to(tl.float32)
+            tl.store(gy_ptr + offs, gy_raw, mask=mask)      # commit gy_{t+1}
     buf = g
     if MOMENTUM:
         if not FIRST:
@@ -111,9 +120,11 @@ def sgd_pre(x, x_save, y, gy, buf, norm, rho: float, hp: dict, step: int, cfg: K
 
 
 def sgd_post(x, x_save, g, buf, hp: dict, step: int, cfg: KernelConfig,
-             gy_new=None, gy=None, lam: float = 0.0) -> None:
+             gy_new=None, gy=None, lam: float = 0.0, inv_scale=None) -> None:
     """x, buf <- SGD step from (x_save, buf) with g, or with (1-lam) g + lam gy_new
-    (and gy <- gy_new) when gy_new is given."""
+    (and gy <- gy_new) when gy_new is given. With `inv_scale` (a 1-element fp32
+    device tensor) g and gy_new are multiplied by it as they are loaded, and gy
+    gets the unscaled gy_new; g and gy_new themselves are not written."""
     n = x.numel()
     if n == 0:
         return
@@ -124,6 +135,6 @@ def sgd_post(x, x_save, g, buf, hp: dict, step: int, cfg: KernelConfig,
     if mix and gy is None:
         raise ValueError("sgd_post: gy_new given without gy to commit it to")
     sgd_post_kernel[(triton.cdiv(n, cfg.block),)](
-        x, x_save, g, gy_new if mix else g, gy if mix else g, x if buf is None else buf, n,
-        float(lam), float(1 - lam), *_scalars(hp),
-        MIX=mix, **flags, BLOCK=cfg.block, num_warps=cfg.num_warps)
+        x, x_save, g, gy_new if mix else g, gy if mix else g, x if buf is None else buf,
+        g if inv_scale is None else inv_scale, n, float(lam), float(1 - lam), *_scalars(hp),
+        MIX=mix, UNSCALE=inv_scale is not None, **flags, BLOCK=cfg.block, num_warps=cfg.num_warps)
