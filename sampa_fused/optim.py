@@ -5,6 +5,7 @@ elementwise math lives in the backends, the gradient passes in the engines.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -15,7 +16,7 @@ from .backends import EPS, make_backend
 from .batching import clone_batch, micro_batches
 from .engines import ENGINE_OPTIONS, make_engine
 from .flat import Slab, build_slabs
-from .rules import GenericRule, check_group, rule_for, upcast
+from .rules import check_group, rule_for, upcast
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -226,16 +227,31 @@ class _FlatSharpness(torch.optim.Optimizer):
         if p.layout != torch.strided or p.is_sparse:
             raise TypeError(f"{cls}: parameter {self._names[id(p)]} is not a dense tensor")
 
-    def _make_ymodel(self) -> nn.Module:
-        """The private copy the y-pass runs on (its buffers are never written back)."""
+    def _make_ymodel(self, where: str = "") -> nn.Module:
+        """A private copy of the model for the y-pass (its buffers are never
+        written back). Engines that run the y-pass elsewhere make theirs here too."""
         try:
             ymodel = copy.deepcopy(self.model)
         except Exception as e:
-            raise TypeError(f"SAMPa needs a private copy of the model for the y-pass, and "
+            raise TypeError(f"SAMPa needs a private copy of the model for the y-pass{where}, and "
                             f"copy.deepcopy(model) failed: {e}") from e
         for p in ymodel.parameters():
             p.grad = None
         return ymodel
+
+    @contextlib.contextmanager
+    def _user_params_frozen(self):
+        """For the first y-pass: a loss_fn that ignores its model argument would
+        silently take the y-gradient at xt. With the user's parameters frozen,
+        such a loss fails the requires_grad check of _loss with a clear message."""
+        flags = [p.requires_grad for p in self._params]
+        try:
+            for p in self._params:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p, f in zip(self._params, flags):
+                p.requires_grad_(f)
 
     def _per_param_values(self) -> Dict[str, Dict[int, torch.Tensor]]:
         """Copies of gy and the base state, per parameter (keyed by id(p))."""

@@ -625,14 +625,8 @@ class DistributedEngine:
         # As in the serial engine: a loss_fn that ignores its model argument
         # fails the requires_grad check instead of silently using xt.
         opt = self.opt
-        flags = [p.requires_grad for p in opt._params]
-        try:
-            for p in opt._params:
-                p.requires_grad_(False)
+        with opt._user_params_frozen():
             return self._pass(opt._ymodel, parts, "y-pass", 1)
-        finally:
-            for p, f in zip(opt._params, flags):
-                p.requires_grad_(f)
 
     def gradient(self, batch, which: str):
         """SAM: one pass, data-parallel over every rank, mean gradient in g."""

@@ -41,7 +41,6 @@ model's parameters.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 import weakref
@@ -298,15 +297,7 @@ class PeerEngine:
 
     # ------------------------------------------------------------- set-up
     def _make_ymodel(self):
-        opt = self.opt
-        try:
-            ymodel = copy.deepcopy(opt.model)
-        except Exception as e:
-            raise TypeError(f"engine='peer' needs a replica of the model on {self.devices[1]}, and "
-                            f"copy.deepcopy(model) failed: {e}") from e
-        for p in ymodel.parameters():
-            p.grad = None
-        return ymodel.to(self.devices[1])
+        return self.opt._make_ymodel(f" on {self.devices[1]}").to(self.devices[1])
 
     def relayout(self) -> None:
         """(Re)build device B's buffers from device A's layout and values: at
@@ -460,17 +451,8 @@ class PeerEngine:
         opt = self.opt
         if opt._t != 0:
             return opt._loss(self.ymodel, batch_b, "y-pass")
-        # First step: with the user's parameters frozen, a loss_fn that ignores
-        # its model argument fails opt._loss's requires_grad check clearly
-        # instead of silently taking the y-gradient at xt (as the serial engine).
-        flags = [p.requires_grad for p in opt._params]
-        try:
-            for p in opt._params:
-                p.requires_grad_(False)
+        with opt._user_params_frozen():    # first step: loss_fn must use its model argument
             return opt._loss(self.ymodel, batch_b, "y-pass")
-        finally:
-            for p, f in zip(opt._params, flags):
-                p.requires_grad_(f)
 
     def gradient(self, batch, which: str):
         raise NotImplementedError("engine='peer' computes SAMPa's two independent gradients; "

@@ -2,6 +2,8 @@
 every other engine and no speed-up; the baseline and the CPU path."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -29,25 +31,9 @@ class SerialEngine:
         ymodel = opt._ymodel
         if ymodel.training != opt.model.training:
             ymodel.train(opt.model.training)
-        if opt._t == 0:
-            loss_y = self._first_y_pass(batch)
-        else:
+        with opt._user_params_frozen() if opt._t == 0 else contextlib.nullcontext():
             loss_y = opt._forward_backward(ymodel, batch, "y-pass")
         return loss_x, loss_y
-
-    def _first_y_pass(self, batch):
-        # Once: a loss_fn that ignores its model argument would silently take
-        # the y-gradient at xt. With the user's parameters frozen, such a loss
-        # fails the requires_grad check in opt._loss with a clear message.
-        opt = self.opt
-        flags = [p.requires_grad for p in opt._params]
-        try:
-            for p in opt._params:
-                p.requires_grad_(False)
-            return opt._forward_backward(opt._ymodel, batch, "y-pass")
-        finally:
-            for p, f in zip(opt._params, flags):
-                p.requires_grad_(f)
 
     def gradient(self, batch, which: str):
         opt = self.opt
