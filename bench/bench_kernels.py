@@ -16,6 +16,13 @@ momentum 0.9 and weight decay, AdamW without amsgrad:
     sam_post     reads x_save, g, buf           writes x, buf            5
     check        reads g, gy_new (finite check and ||gy_new||^2)         2
 
+So one SGD-momentum SAMPa step moves 6 + 2 + 7 = 15 passes of P, against the
+11 of SPEC section 3's floor: x_save (x kept bit-exact while the model holds
+xt), the gy commit (gy kept unchanged when a step is refused) and the check
+(the finite decision comes before any state is written) are the extra 4. The
+per-kernel GB/s say how close each kernel is to the copy bandwidth; the step
+totals of part 2 include all 15 passes.
+
 Part 2, steps: the whole elementwise part of one SAMPa step (pre-gradient
 update, check, post-gradient update; SGD momentum 0.9, weight decay 5e-4,
 rho 0.05, lam 0.2) on the parameter shapes of

@@ -125,7 +125,16 @@ def build_slabs(tensors: Sequence[torch.Tensor], groups: Sequence[int]) -> List[
         if slab.segments and slab.segments[-1].group == g:
             slab.segments[-1].end = offsets[pos] + numels[pos]
         else:
-            # alignment padding before a group's first tensor belongs to that group
             start = slab.segments[-1].end if slab.segments else 0
             slab.segments.append(Segment(g, start, offsets[pos] + numels[pos]))
+    # Every segment starts and ends on the alignment (the padding after a
+    # group's last tensor belongs to it; it stays zero under every update), so
+    # the kernels see aligned pointers and lengths and use vector accesses.
+    for slab in slabs:
+        align = max(1, ALIGN_BYTES // slab.empty(device="meta").element_size())
+        for a, b in zip(slab.segments, slab.segments[1:]):
+            a.end = b.start = -(-a.end // align) * align
+        slab.numel = -(-slab.numel // align) * align
+        if slab.segments:
+            slab.segments[-1].end = slab.numel
     return slabs
