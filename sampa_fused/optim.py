@@ -212,7 +212,7 @@ class _FlatSharpness(torch.optim.Optimizer):
                                       "trained parameters (add_param_group or requires_grad "
                                       "changes); create the optimizer again")
         self._build()
-        if own_replicas:
+        if hasattr(self.engine, "relayout"):
             self.engine.relayout()
         self._attach_replicas()
 

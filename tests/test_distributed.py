@@ -247,22 +247,201 @@ def _scenario_failure(rank, world, victim, how, timeout):
         try:
             opt.step(b)
         except Exception as e:  # noqa: BLE001
-            return {"step": i, "error": (type(e).__name__, str(e)), "seconds": time.monotonic() - t0}
+            kind = "RuntimeError" if isinstance(e, RuntimeError) else type(e).__name__
+            return {"step": i, "error": (kind, str(e)), "seconds": time.monotonic() - t0}
     return {"step": None, "error": None}
 
 
-def _scenario_bad_loss(rank, world):
+def _scenario_bad_loss(rank, world, marker, timeout):
     """loss_fn ignores its model argument: the y-ranks catch it on the first
-    step, as the serial engine does; the x̃-ranks then fail instead of waiting."""
+    step, as the serial engine does; the x̃-ranks then fail at once instead of
+    waiting for the timeout. The y-rank stays alive (as a caller that caught
+    the error would) until the x̃-rank has its answer, so a hang would show."""
     model = make_net(False)
     opt = SAMPa(model, lambda m, b: loss_fn(model, b), torch.optim.SGD, lr=0.1,
-                engine="distributed", timeout=20)
+                engine="distributed", timeout=timeout)
     t0 = time.monotonic()
     try:
         opt.step(batches(1, 8)[0])
-        return {"error": None}
+        res = {"error": None}
     except Exception as e:  # noqa: BLE001
-        return {"error": (type(e).__name__, str(e)), "seconds": time.monotonic() - t0}
+        res = {"error": (type(e).__name__, str(e)), "seconds": time.monotonic() - t0}
+    if rank == 0:
+        Path(marker).touch()
+    else:
+        end = time.monotonic() + timeout + 10
+        while not os.path.exists(marker) and time.monotonic() < end:
+            time.sleep(0.05)
+    return res
+
+
+def _err(e):
+    return (type(e).__name__, isinstance(e, RuntimeError), str(e))
+
+
+class Picky(Exception):
+    """A user error raised inside loss_fn on one rank only."""
+
+
+def _steps(opt, data):
+    """Step through `data`; record, per step, 'ok' or the error."""
+    log = []
+    for b in data:
+        try:
+            opt.step(b)
+            log.append("ok")
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            log.append(_err(e))
+    return log
+
+
+def _scenario_errors(rank, world):
+    """Errors that hit some ranks only; each must raise on every rank at once
+    (short timeout: a rank left waiting would show as a timeout error) and
+    leave the replicas identical, so training can go on."""
+    res = {}
+    data = batches(6, 13, seed=21)
+    timeout = 15
+
+    # A new batch too small to shard: only the y-ranks shard it.
+    tiny = batches(1, 1, seed=22)[0]
+    run = data[:2] + [tiny] + data[2:4]
+    opt = SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9, engine="distributed",
+                timeout=timeout)
+    res["tiny_new"] = {"log": _steps(opt, run), "replica": replica(opt), "t": opt._t}
+    ser = SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9)
+    _steps(ser, data[:4])
+    res["tiny_new"]["serial"] = replica(ser)
+
+    # SAM, accumulation_steps=3, batch of 9 over 4 ranks: shares 3, 2, 2, 2.
+    opt = SAM(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, accumulation_steps=3,
+              engine="distributed", timeout=timeout)
+    res["sam_acc"] = _steps(opt, batches(1, 9, seed=23)) + _steps(opt, batches(1, 13, seed=24))
+
+    # loss_fn raises on the last rank only, in step 1 (SAMPa: its only pass;
+    # SAM: the first pass): that rank re-raises its own error, the others a
+    # RuntimeError naming it; nobody waits.
+    for method, fail_at in (("sampa", 2), ("sam", 3)):
+        calls = {"n": 0}
+
+        def picky(model, batch):
+            calls["n"] += 1
+            if rank == world - 1 and calls["n"] == fail_at:
+                raise Picky("bad sample")
+            return loss_fn(model, batch)
+
+        cls, kw = (SAMPa, dict(lam=0.3)) if method == "sampa" else (SAM, {})
+        opt = cls(make_net(False), picky, torch.optim.SGD, lr=0.1, momentum=0.9, engine="distributed",
+                  timeout=timeout, **kw)
+        t0 = time.monotonic()
+        log = _steps(opt, data[:3])
+        res[f"local_{method}"] = {"log": log, "seconds": time.monotonic() - t0,
+                                  "log2": _steps(opt, data[3:5]), "replica": replica(opt), "t": opt._t}
+
+    # sharded_batches: each rank's own shard; one rank's shard is smaller
+    # than accumulation_steps.
+    opt = SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, engine="distributed",
+                sharded_batches=True, accumulation_steps=2, timeout=timeout)
+    x, y = data[0]
+    n = 1 if rank == 1 else 4
+    res["sharded_small"] = _steps(opt, [(x[:n], y[:n])]) + _steps(opt, [(x[:4], y[:4])])
+    res["sharded_small_replica"] = replica(opt)
+    return res
+
+
+class Cache(nn.Module):
+    """A buffer that grows with the input in forward (a positional-cache
+    pattern): only the ranks running the user's model grow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(75, 7)
+        self.register_buffer("cache", torch.zeros(4), persistent=False)
+
+    def forward(self, x):
+        if self.cache.numel() < x.shape[0]:
+            self.cache = torch.arange(x.shape[0], dtype=torch.float32)
+        return self.lin(x.flatten(1)) + 0 * self.cache[: x.shape[0], None]
+
+
+def _scenario_replicas(rank, world):
+    """Initial values, checkpoints, GradScaler, loss dtype, process groups."""
+    import torch.distributed.distributed_c10d as c10d
+    res = {}
+    data = batches(4, 12, seed=31)
+
+    # Different seeds on every rank (and a buffer and a frozen parameter that
+    # differ): construction makes every rank hold rank 0's values.
+    def seeded(seed):
+        torch.manual_seed(seed)
+        m = Net(True)
+        m.unused.weight.requires_grad_(False)     # outside the optimizer
+        m.bn.running_mean.uniform_()
+        return m
+
+    out = {}
+    for engine in ("serial", "distributed"):
+        model = seeded(100 + (rank if engine == "distributed" else 0))
+        opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9, lam=0.3, engine=engine,
+                    params=[p for p in model.parameters() if p.requires_grad])
+        start = flat(list(model.parameters()) + list(model.buffers()))
+        _steps(opt, data)
+        out[engine] = {"start": start, "replica": replica(opt), "x": flat(model.parameters())}
+    res["seeds"] = out
+
+    # A checkpoint whose values differ per rank: every rank ends with rank 0's.
+    model = make_net(False)
+    opt = SAMPa(model, loss_fn, torch.optim.AdamW, lr=0.01, engine="distributed")
+    _steps(opt, data[:2])
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        st["exp_avg"] = st["exp_avg"] + rank
+    sd["sampa_fused"]["gy"] = [g + rank for g in sd["sampa_fused"]["gy"]]
+    sd["sampa_fused"]["t"] += rank
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(rank)
+    opt.load_state_dict(sd)
+    res["loaded"] = {"replica": replica(opt), "t": opt._t}
+    _steps(opt, data[2:])
+    res["loaded"]["after"] = replica(opt)
+
+    # GradScaler: a different initial scale per rank is made rank 0's; a
+    # different growth interval is refused.
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** (10 + 3 * rank))
+    opt = SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9, engine="distributed",
+                grad_scaler=sc)
+    res["scaler"] = {"scale0": sc.get_scale()}
+    _steps(opt, data)
+    res["scaler"]["replica"] = replica(opt)
+    sc = torch.amp.GradScaler("cpu", growth_interval=100 + rank)
+    try:
+        SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, engine="distributed", grad_scaler=sc)
+        res["scaler_settings"] = None
+    except Exception as e:  # noqa: BLE001
+        res["scaler_settings"] = _err(e)
+
+    # A float64 loss is reduced in float64.
+    def loss64(model, batch):
+        return F.cross_entropy(model(batch[0].double()), batch[1])
+
+    res["fp64"] = {}
+    for engine in ("serial", "distributed"):
+        model = make_net(False).double()
+        opt = SAMPa(model, loss64, torch.optim.SGD, lr=0.1, engine=engine)
+        res["fp64"][engine] = [opt.step(b) for b in data[:2]]
+
+    # Buffers resized in forward on the ranks running the user's model.
+    opt = SAMPa(Cache(), loss_fn, torch.optim.SGD, lr=0.1, engine="distributed", timeout=15)
+    res["cache"] = _steps(opt, data[:2])
+
+    # close() destroys the engine's group; the optimizer refuses to step.
+    before = len(c10d._world.pg_map)
+    opt = SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, engine="distributed")
+    during = len(c10d._world.pg_map)
+    opt.engine.close()
+    res["close"] = {"counts": (before, during, len(c10d._world.pg_map)), "after": _steps(opt, data[:1])}
+    return res
 
 
 def _worker(rank, world, init_file, out_dir, scenario, args):
@@ -274,7 +453,8 @@ def _worker(rank, world, init_file, out_dir, scenario, args):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
         scenarios = {"main": _scenario_main, "failure": _scenario_failure,
-                     "bad_loss": _scenario_bad_loss}
+                     "bad_loss": _scenario_bad_loss, "errors": _scenario_errors,
+                     "replicas": _scenario_replicas}
         res = scenarios[scenario](rank, world, *args)
     except BaseException:  # noqa: BLE001 - reported to the parent
         res = {"worker_error": traceback.format_exc()}
@@ -484,13 +664,124 @@ def test_stalled_rank_times_out():
     assert timeout - 0.5 < res["seconds"] < timeout + 20
 
 
-def test_loss_ignoring_its_model_is_caught_on_the_y_rank():
-    x_rank, y_rank = launch(2, "bad_loss", deadline=60.0)
+def test_loss_ignoring_its_model_is_caught_on_the_y_rank(tmp_path):
+    timeout = 30.0
+    x_rank, y_rank = launch(2, "bad_loss", str(tmp_path / "x_done"), timeout, deadline=90.0)
     kind, msg = y_rank["error"]
     assert kind == "ValueError" and "model it is given" in msg
     kind, msg = x_rank["error"]
-    assert kind == "RuntimeError" and "rank 0 of 2" in msg
-    assert x_rank["seconds"] < 30
+    assert kind == "RuntimeError" and "rank 0 of 2" in msg and "rank 1 raised an error" in msg, msg
+    # told by the y-rank, not by the timeout (a hang bound, not a speed test)
+    assert x_rank["seconds"] < timeout / 2
+
+
+# ------------------------------------------------ errors on some ranks only
+@pytest.fixture(scope="module")
+def errors():
+    return launch(4, "errors", deadline=120.0)
+
+
+def test_too_small_new_batch_refused_on_every_rank(errors):
+    for res in errors:
+        r = res["tiny_new"]
+        assert r["log"][:2] == ["ok", "ok"] and r["log"][3:] == ["ok", "ok"], r["log"]
+        kind, _, msg = r["log"][2]
+        assert kind == "ValueError" and "new batch" in msg and "1 samples cannot be split over 2" in msg
+        assert r["t"] == 4
+        # the refused step changed nothing: as a serial run without it
+        torch.testing.assert_close(r["replica"], r["serial"], rtol=1e-5, atol=2e-6)
+        assert torch.equal(r["replica"], errors[0]["tiny_new"]["replica"])
+
+
+def test_share_smaller_than_accumulation_steps_refused_on_every_rank(errors):
+    # serial accepts a batch of 9 with accumulation_steps=3; 4 ranks get 3, 2, 2, 2
+    for res in errors:
+        (kind, _, msg), after = res["sam_acc"]
+        assert kind == "ValueError" and "accumulation_steps=3" in msg and "12 samples" in msg, msg
+        assert after == "ok"
+
+
+@pytest.mark.parametrize("method", ["sampa", "sam"])
+def test_error_in_loss_fn_on_one_rank_raises_on_every_rank(errors, method):
+    world = len(errors)
+    for r, res in enumerate(errors):
+        out = res[f"local_{method}"]
+        log = out["log"]
+        assert log[0] == "ok" and log[2] == "ok", log
+        kind, is_runtime, msg = log[1]
+        if r == world - 1:
+            assert kind == "Picky" and msg == "bad sample"
+        else:
+            assert kind == "RuntimeError" and f"rank {world - 1} raised an error" in msg, msg
+            assert "refused on every rank" in msg
+        assert out["seconds"] < 10          # no rank waited for the 15 s timeout
+        # the group still works, and the step was refused everywhere alike
+        assert out["log2"] == ["ok", "ok"] and out["t"] == 4
+        assert torch.equal(out["replica"], errors[0][f"local_{method}"]["replica"])
+
+
+def test_sharded_batch_error_on_one_rank_raises_on_every_rank(errors):
+    for r, res in enumerate(errors):
+        (kind, _, msg), after = res["sharded_small"]
+        if r == 1:
+            assert kind == "ValueError" and "accumulation_steps=2" in msg
+        else:
+            assert kind == "RuntimeError" and "rank 1 raised an error" in msg, msg
+        assert after == "ok"
+        assert torch.equal(res["sharded_small_replica"], errors[0]["sharded_small_replica"])
+
+
+# ------------------------------------------------ replicas and resources
+@pytest.fixture(scope="module")
+def replicas():
+    return launch(2, "replicas", deadline=90.0)
+
+
+def test_different_seeds_end_identical_and_equal_serial_from_rank_zero(replicas):
+    for res in replicas:
+        s = res["seeds"]
+        # rank 0's initial values everywhere (frozen parameter and buffers too)
+        assert torch.equal(s["distributed"]["start"], replicas[0]["seeds"]["distributed"]["start"])
+        assert torch.equal(s["distributed"]["start"], s["serial"]["start"])
+        assert torch.equal(s["distributed"]["replica"], replicas[0]["seeds"]["distributed"]["replica"])
+        assert torch.equal(s["distributed"]["x"], s["serial"]["x"])
+        assert not torch.equal(s["serial"]["start"], s["serial"]["x"])   # it trained
+
+
+def test_load_state_dict_makes_rank_zero_values_everyone_s(replicas):
+    for res in replicas:
+        assert res["loaded"]["t"] == 2
+        assert torch.equal(res["loaded"]["replica"], replicas[0]["loaded"]["replica"])
+        assert torch.equal(res["loaded"]["after"], replicas[0]["loaded"]["after"])
+
+
+def test_grad_scaler_scale_follows_rank_zero_and_settings_are_checked(replicas):
+    for res in replicas:
+        assert res["scaler"]["scale0"] == 2.0 ** 10
+        assert torch.equal(res["scaler"]["replica"], replicas[0]["scaler"]["replica"])
+        kind, _, msg = res["scaler_settings"]
+        assert kind == "RuntimeError" and "GradScaler settings" in msg and "growth_interval=101" in msg
+
+
+def test_float64_loss_reduced_in_float64(replicas):
+    for res in replicas:
+        for a, b in zip(res["fp64"]["serial"], res["fp64"]["distributed"]):
+            assert b.dtype == torch.float64 and a.item() == b.item()
+
+
+def test_buffer_resized_in_forward_raises_on_every_rank(replicas):
+    for res in replicas:
+        for entry in res["cache"]:
+            kind, _, msg = entry
+            assert kind == "RuntimeError" and "buffers differ between ranks" in msg, msg
+
+
+def test_close_destroys_the_engine_group(replicas):
+    for res in replicas:
+        before, during, after = res["close"]["counts"]
+        assert during == before + 1 and after == before
+        kind, _, msg = res["close"]["after"][0]
+        assert kind == "RuntimeError" and "closed" in msg
 
 
 TORCHRUN_SCRIPT = """
@@ -505,7 +796,10 @@ g = torch.Generator().manual_seed(1)
 for _ in range(4):
     opt.step((torch.randn(11, 6, generator=g), torch.randint(0, 3, (11,), generator=g)))
 x = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-print("RESULT", torch.distributed.get_rank(), opt.engine.role, x.double().sum().item(), flush=True)
+# one file per rank: the ranks' stdout lines may interleave
+import os, sys
+with open(os.path.join(sys.argv[1], f"rank{torch.distributed.get_rank()}.txt"), "w") as f:
+    f.write(f"RESULT {torch.distributed.get_rank()} {opt.engine.role} {x.double().sum().item()!r}")
 torch.distributed.destroy_process_group()
 """
 
@@ -520,10 +814,10 @@ def test_torchrun_launch_initializes_the_group(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", str(script)],
+                           "--nproc-per-node", "2", str(script), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = sorted(l.split() for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    lines = sorted((tmp_path / f"rank{r}.txt").read_text().split() for r in range(2))
     assert [(l[1], l[2]) for l in lines] == [("0", "x"), ("1", "y")]
     assert lines[0][3] == lines[1][3]
 

@@ -21,11 +21,33 @@ always in the same bucket order on every rank:
 - SAM (plain data parallelism over every rank, any world size): g is
   all-reduced, as DDP does.
 
-Besides the gradients, per pass: one all-reduce of two floats (the losses, so
-every rank takes the same finite/non-finite decision and returns the same
-global loss) and, where the model has buffers (batch-norm statistics), one
-broadcast of them from rank 0 so that evaluating the model gives the same
-result on every rank.
+Besides the gradients, per pass: one small float64 all-reduce after backward
+(the status: the two losses, so every rank takes the same finite/non-finite
+decision and returns the same global loss; one error flag per rank; each
+rank's model-buffer byte count and layout digest) and, where the model has
+buffers (batch-norm statistics), one broadcast of them from rank 0 so that
+evaluating the model gives the same result on every rank. The host reads the
+status once per pass (gloo blocks on the pass's collectives anyway; with NCCL
+this is one host synchronisation per pass).
+
+Errors: both batches are validated on every rank before any collective
+(sizes, shares, accumulation steps), so bad input raises the same ValueError
+everywhere. An exception that hits one rank only (inside loss_fn, backward,
+or with sharded_batches its own shard) is caught; that rank still runs the
+pass's fixed collective schedule with its error flag set, then re-raises its
+own exception, and every other rank raises a RuntimeError naming it. Either
+way the optimizer refuses (rolls back) the step on every rank, so replicas
+never drift apart. Buffers that change size in forward (so rank 0's broadcast
+would not fit the others) raise a RuntimeError on every rank the same way.
+
+Replicas: construction (after checking that every rank built the same model
+and optimizer) broadcasts rank 0's parameters, base state, gy, ||gy||^2, step
+counters, GradScaler state, model buffers and parameters outside the
+optimizer, as DDP does at construction; `load_state_dict` does it again via
+`sync_replicas()`, so it must run on every rank (rank 0's values win).
+
+Process group: each engine creates one; `close()` destroys it (also done when
+the engine is garbage collected, unless a collective failed).
 
 Gradient accumulation (accumulation_steps, MicroBatches) and a GradScaler
 work as in the serial engine: each rank cuts its shard into micro-batches, and
@@ -45,9 +67,11 @@ ends the process (torch's default TORCH_NCCL_ASYNC_ERROR_HANDLING).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
+import sys
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -59,6 +83,10 @@ from .serial import check_one_device
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_BUCKET_BYTES = 4 << 20      # several buckets even for small models, so backward overlaps
 _BUFFER_ALIGN = 64                  # bytes; lets the packed-buffer views take any dtype
+
+
+class _CommError(RuntimeError):
+    """A collective failed: the group is unusable, no protocol can follow."""
 
 
 def _as_timedelta(timeout) -> datetime.timedelta:
@@ -246,6 +274,7 @@ class DistributedEngine:
         self.group = dist.new_group(ranks=ranks, timeout=self.timeout, backend=backend,
                                     use_local_synchronization=not whole)
         self._global = ranks                       # group rank -> global rank
+        self._broken = False                       # a collective failed: never destroy politely
 
         if opt._sampa:
             self.k = self.world_size // 2
@@ -264,6 +293,9 @@ class DistributedEngine:
         self._hooks: List[Any] = []
         self._setup_buffers()
         self._ensure_layout()
+        # As DDP: rank 0's parameters, state and buffers on every rank, so that
+        # different seeds cannot diverge.
+        self._sync_values()
 
     # ---------------------------------------------------------------- set-up
     def _parent_group(self, process_group):
@@ -288,14 +320,16 @@ class DistributedEngine:
         self._modules = list(self.opt.model.modules())
         self._msig = None
         self._mflat = None
+        self._mdigest = 0
         self._mbufs: List[torch.Tensor] = []
 
-    def _current_buffers(self) -> bool:
+    def _current_buffers(self) -> Tuple[int, int]:
         """The model's buffers now (a module may replace a buffer object in
         its forward), packed into one flat byte buffer for one broadcast per
-        pass (no per-tensor collectives). False when there is nothing to send."""
+        pass (no per-tensor collectives). Returns their byte count and a
+        digest of their shapes and dtypes (exact in float64), for the status."""
         if self.world_size == 1:
-            return False
+            return 0, 0
         bufs = [t for m in self._modules for t in m._buffers.values() if t is not None and t.numel() > 0]
         sig = [(t.shape, t.dtype, t.device) for t in bufs]
         if sig != self._msig:
@@ -311,8 +345,10 @@ class DistributedEngine:
             self._mviews = [self._mflat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                             for o, t in zip(offs, bufs)]
             self._msig = sig
+            desc = repr([(tuple(t.shape), str(t.dtype)) for t in bufs]).encode()
+            self._mdigest = int.from_bytes(hashlib.sha256(desc).digest()[:6], "little")
         self._mbufs = bufs
-        return bool(bufs)
+        return (self._mflat.numel() if bufs else 0), self._mdigest
 
     def _ensure_layout(self) -> None:
         """(Re)build buckets and hooks for the optimizer's current flat layout
@@ -353,13 +389,23 @@ class DistributedEngine:
             return repr(v)
 
         names = opt._names
+        scaler = getattr(opt, "grad_scaler", None)
+        if scaler is None:
+            sc = "none"
+        else:
+            sc = (f"{type(scaler).__name__} enabled={scaler.is_enabled()}"
+                  # (the scale itself is broadcast from rank 0 by sync_replicas)
+                  + (f" growth_factor={scaler.get_growth_factor()!r} "
+                     f"backoff_factor={scaler.get_backoff_factor()!r} "
+                     f"growth_interval={scaler.get_growth_interval()!r}" if scaler.is_enabled() else ""))
         comps = [("method", self.method),
                  ("base optimizer", f"{type(opt.base).__module__}.{type(opt.base).__qualname__}"),
                  ("nonfinite mode", opt.nonfinite),
                  ("training options",
                   f"accumulation_steps={getattr(opt, 'accumulation_steps', 1)} "
                   f"max_grad_norm={getattr(opt, 'max_grad_norm', None)} "
-                  f"grad_scaler={type(getattr(opt, 'grad_scaler', None)).__name__}"),
+                  f"grad_scaler={type(scaler).__name__}"),
+                 ("GradScaler settings", sc),
                  ("engine options", f"sharded_batches={self.sharded_batches} overlap={self.overlap} "
                                     f"bucket_bytes={self.bucket_bytes}"),
                  ("device type", self.device.type),
@@ -371,6 +417,9 @@ class DistributedEngine:
             comps.append((f"parameters of param group {gi}", ps))
         mb = "; ".join(f"{n} {tuple(b.shape)} {b.dtype}" for n, b in opt.model.named_buffers())
         comps.append(("model buffers", mb))
+        # parameters outside the optimizer are broadcast with the buffers
+        mp = "; ".join(f"{n} {tuple(q.shape)} {q.dtype}" for n, q in opt.model.named_parameters())
+        comps.append(("model parameters", mp))
         comps.append(("flat layout", "; ".join(f"{b.slab.dtype} {b.slab.numel}" for b in opt._bufs)))
         comps.append(("buckets", "; ".join(f"{b.slab}:{b.start}-{b.end}" for b in self._buckets)))
         return comps
@@ -386,14 +435,14 @@ class DistributedEngine:
             try:
                 dist.all_gather(every, mine, group=self.group)
             except Exception as e:
-                raise self._comm_error("fingerprint exchange at construction", e) from e
+                raise self._comm_error("fingerprint exchange", e) from e
             if all(torch.equal(e, every[0]) for e in every):
                 return
             allcomps: List[Any] = [None] * self.world_size
             try:
                 dist.all_gather_object(allcomps, comps, group=self.group)
             except Exception as e:
-                raise self._comm_error("fingerprint exchange at construction", e) from e
+                raise self._comm_error("fingerprint exchange", e) from e
         ref = dict(allcomps[0])
         for r, rc in enumerate(allcomps):
             d = dict(rc)
@@ -408,7 +457,6 @@ class DistributedEngine:
                            "hyperparameters differ; build the same model and optimizer on every rank")
 
     def _on_device(self):
-        import contextlib
         if self.device.type == "cuda":
             return torch.cuda.device(self.device)
         return contextlib.nullcontext()
@@ -489,57 +537,124 @@ class DistributedEngine:
         except Exception as e:
             raise self._comm_error("gradient exchange", e) from e
 
-    def _after_forward(self, loss: torch.Tensor, slot: int) -> torch.Tensor:
-        """Start the loss all-reduce and the model-buffer broadcast; returns
-        the tensor the global losses land in."""
-        losses = torch.zeros(2, dtype=torch.float32, device=self.device)
-        losses[slot] = loss.float()
-        try:
-            w = dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-            self._works.append(("loss all-reduce", w))
-            if self._current_buffers():
-                if self.rank == 0:
-                    torch._foreach_copy_(self._mviews, self._mbufs)
-                w = dist.broadcast(self._mflat, src=self._global[0], group=self.group, async_op=True)
-                self._works.append(("model-buffer broadcast", w))
-        except Exception as e:
-            raise self._comm_error("loss and model-buffer exchange", e) from e
-        return losses
-
-    def _pass(self, model, parts, which: str, slot: int) -> torch.Tensor:
+    def _pass(self, model, parts, which: str, slot: int, failure: Optional[Exception] = None):
         """Forward/backward over this rank's (micro-batch, weight) parts, as
         the optimizer's own _forward_backward does (GradScaler included),
         with the exchange started during the last backward. Returns the
-        tensor the global losses land in."""
+        global losses (x̃, y), in the loss's dtype promoted to at least float32.
+
+        `parts` may be a callable making them (so that a local error there
+        follows the failure protocol). A local exception does not stop the
+        pass's collectives: they all run, in the same order as on every
+        other rank, and the status all-reduce tells every rank who failed."""
         opt = self.opt
         scaler = getattr(opt, "grad_scaler", None)
         total = None
-        last = len(parts) - 1
-        for n, (part, weight) in enumerate(parts):
-            with torch.enable_grad():      # also when step() is called under no_grad
-                loss = opt._loss(model, part, which)
-            if weight != 1.0:
-                loss = loss * weight
-            total = loss.detach() if total is None else total + loss.detach()
-            if n == last:
-                # Gradients are final only in the last backward: only it sends.
-                losses = self._after_forward(total, slot)
-                self._mark_unused(loss)
-            self._armed = self.overlap and n == last
+        if failure is None:
             try:
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            finally:
-                self._armed = False
-        if self.overlap and not all(self._fired):
+                if callable(parts):
+                    parts = parts()
+                last = len(parts) - 1
+                for n, (part, weight) in enumerate(parts):
+                    with torch.enable_grad():      # also when step() is called under no_grad
+                        loss = opt._loss(model, part, which)
+                    if weight != 1.0:
+                        loss = loss * weight
+                    total = loss.detach() if total is None else total + loss.detach()
+                    if n == last:
+                        self._mark_unused(loss)
+                    # Gradients are final only in the last backward: only it sends.
+                    self._armed = self.overlap and n == last
+                    try:
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    finally:
+                        self._armed = False
+            except _CommError:
+                raise
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the collectives
+                failure = e
+        if failure is None and self.overlap and not all(self._fired):
             self._find_unused = True      # e.g. a branch skipped this time: walk the graph next pass
-        # Buckets whose parameters got no gradient (unused in this forward)
-        # and, without overlap, all of them: send in the same order.
+        # Buckets whose parameters got no gradient (unused in this forward,
+        # or this rank failed) and, without overlap, all of them: send in the
+        # same order. What a failed rank sends is discarded: the step is refused.
         while self._next < len(self._buckets):
             self._launch(self._next)
             self._next += 1
             self.stats["buckets_after_backward"] += 1
+        status = self._status(total, slot, failure)
         self._wait()
-        return losses
+        self._check_status(status, failure, which)
+        if self._mbufs:
+            self._broadcast_buffers()
+        dtype = torch.promote_types(total.dtype, torch.float32)
+        return status[0].to(dtype), status[1].to(dtype)
+
+    def _status(self, total: Optional[torch.Tensor], slot: int,
+                failure: Optional[Exception]) -> torch.Tensor:
+        """Start the status all-reduce (float64 whatever the loss dtype: a
+        failed rank does not know it, and the sizes must match): the losses
+        in slots 0 and 1, then per rank an error flag, its model-buffer byte
+        count and a digest of its buffers' shapes and dtypes."""
+        w = self.world_size
+        status = torch.zeros(2 + 3 * w, dtype=torch.float64, device=self.device)
+        if failure is None:
+            status[slot] = total.to(torch.float64)
+            nbytes, digest = self._current_buffers()
+        else:
+            status[2 + self.rank] = 1.0
+            nbytes, digest = 0, 0
+        status[2 + w + self.rank] = float(nbytes)
+        status[2 + 2 * w + self.rank] = float(digest)
+        try:
+            work = dist.all_reduce(status, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        except Exception as e:
+            raise self._comm_error("status all-reduce", e) from e
+        self._works.append(("status all-reduce", work))
+        return status
+
+    def _check_status(self, status: torch.Tensor, failure: Optional[Exception], which: str) -> None:
+        """The one host read of a pass. Raise the same way on every rank."""
+        w = self.world_size
+        st = status.tolist()
+        failed = [r for r in range(w) if st[2 + r] != 0]
+        if failure is not None:
+            self._mbufs = []
+            raise failure
+        if failed:
+            self._mbufs = []
+            who = ", ".join(str(r) for r in failed)
+            raise RuntimeError(
+                f"{self._who}: rank{'s' if len(failed) > 1 else ''} {who} raised an error in the "
+                f"{which} (see that rank's own exception); the step was refused on every rank "
+                "(parameters, optimizer state and held batch unchanged), and the ranks remain "
+                "in step: training may continue once the cause is fixed")
+        sizes, digests = st[2 + w:2 + 2 * w], st[2 + 2 * w:]
+        if any(n != sizes[0] or d != digests[0] for n, d in zip(sizes, digests)):
+            self._mbufs = []
+            desc = ", ".join(f"rank {r}: {int(n)} bytes" for r, n in enumerate(sizes))
+            raise RuntimeError(
+                f"{self._who}: after the {which}, the model's buffers differ between ranks in "
+                f"size, shape or dtype ({desc}): a forward that creates or resizes buffers (e.g. "
+                "a cache grown to the input length) runs on some ranks only, so rank 0's buffers "
+                "cannot be broadcast to the others. The step was refused on every rank. Create "
+                "such buffers at their final size in __init__, or keep them out of the module's "
+                "buffers (a plain attribute)")
+
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's model buffers (batch-norm statistics...) to every rank,
+        packed in one flat buffer."""
+        try:
+            if self.rank == 0:
+                torch._foreach_copy_(self._mviews, self._mbufs)
+            work = dist.broadcast(self._mflat, src=self._global[0], group=self.group, async_op=True)
+        except Exception as e:
+            raise self._comm_error("model-buffer broadcast", e) from e
+        self._works.append(("model-buffer broadcast", work))
+        self._wait()
+        if self.rank != 0:
+            torch._foreach_copy_(self._mbufs, self._mviews)
+        self._mbufs = []
 
     def _wait(self) -> None:
         works, self._works = self._works, []
@@ -548,19 +663,53 @@ class DistributedEngine:
                 if self._nccl:
                     w.wait()                 # a stream dependency, no host sync
                 else:
-                    w.wait(self.timeout)     # gloo: blocks the host, once per pass
+                    w.wait(self.timeout)     # gloo: blocks the host
             except Exception as e:
                 raise self._comm_error(what, e) from e
-        if self._mbufs and self.rank != 0:
-            torch._foreach_copy_(self._mbufs, self._mviews)
-        self._mbufs = []
 
     def _comm_error(self, what: str, e: BaseException) -> RuntimeError:
-        return RuntimeError(
+        self._broken = True
+        return _CommError(
             f"{self._who}: the {what} failed: a peer rank died, raised an error, or did not reach "
             f"the same point within the timeout ({self.timeout.total_seconds():g} s, the engine's "
             "`timeout` option). This process group cannot be used any more: stop this process and "
             f"restart all ranks (torchrun does so with --max-restarts). Cause: {type(e).__name__}: {e}")
+
+    def _validate(self, batch, what: str) -> None:
+        """Checks that depend only on the global batch, run on EVERY rank for
+        both batches before any collective: each rank then raises the same
+        error, instead of some ranks raising while the others wait in a
+        collective. (With sharded_batches, each rank's shard is its own:
+        errors there follow the failure protocol of _pass.)"""
+        if self.sharded_batches:
+            return
+        acc = getattr(self.opt, "accumulation_steps", 1)
+        parts = self.data_world_size
+        try:
+            if parts == 1:
+                micro_batches(batch, acc)         # views only; raises as the serial engine does
+                return
+            if isinstance(batch, MicroBatches):
+                if len(batch) == 0:
+                    raise ValueError("MicroBatches is empty")
+                for mb in batch:
+                    n = batch_length(mb)
+                    if n < parts:
+                        raise ValueError(f"a micro-batch of {n} samples cannot be split over {parts} "
+                                         f"data-parallel ranks; give micro-batches of at least "
+                                         f"{parts} samples")
+                return
+            n = batch_length(batch)
+            if n < parts:
+                raise ValueError(f"a batch of {n} samples cannot be split over {parts} data-parallel "
+                                 f"ranks; use a batch of at least {parts} samples")
+            if n // parts < acc:
+                raise ValueError(f"a batch of {n} samples gives shares of {n // parts} samples to "
+                                 f"some of the {parts} data-parallel ranks, fewer than "
+                                 f"accumulation_steps={acc}; use a batch of at least {parts * acc} "
+                                 "samples or fewer accumulation steps")
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{self._who}: the {what}: {e}") from None
 
     def _parts(self, batch) -> List[Tuple[Any, float]]:
         """This rank's (micro-batch, weight) pairs: its shard, cut into the
@@ -591,11 +740,19 @@ class DistributedEngine:
         self._mbufs = []
         self._reset_pass()
 
+    def _start(self) -> None:
+        if self.group is None:
+            raise RuntimeError(f"{self._who}: the engine was closed (close() destroyed its process "
+                               "group); create the optimizer again")
+        self._ensure_layout()
+        self._reset_pass()
+
     # ---------------------------------------------------------- the interface
     def sampa_gradients(self, held, batch):
         opt = self.opt
-        self._ensure_layout()
-        self._reset_pass()
+        self._start()
+        self._validate(held, "held batch")
+        self._validate(batch, "new batch")
         try:
             for b in opt._bufs:
                 if self.mode == "allreduce2":
@@ -606,20 +763,17 @@ class DistributedEngine:
                 else:
                     b.gy_new.zero_()
             if self.role == "x":
-                losses = self._pass(opt.model, self._parts(held), "x̃-pass", 0)
-            else:
-                ymodel = opt._ymodel
-                if ymodel.training != opt.model.training:
-                    ymodel.train(opt.model.training)
-                parts = self._parts(batch)
-                if opt._t == 0:
-                    losses = self._first_y_pass(parts)
-                else:
-                    losses = self._pass(ymodel, parts, "y-pass", 1)
+                return self._pass(opt.model, lambda: self._parts(held), "x̃-pass", 0)
+            ymodel = opt._ymodel
+            if ymodel.training != opt.model.training:
+                ymodel.train(opt.model.training)
+            parts = lambda: self._parts(batch)  # noqa: E731
+            if opt._t == 0:
+                return self._first_y_pass(parts)
+            return self._pass(ymodel, parts, "y-pass", 1)
         except BaseException:
             self._fail_pass()
             raise
-        return losses[0], losses[1]
 
     def _first_y_pass(self, parts):
         # As in the serial engine: a loss_fn that ignores its model argument
@@ -631,16 +785,125 @@ class DistributedEngine:
     def gradient(self, batch, which: str):
         """SAM: one pass, data-parallel over every rank, mean gradient in g."""
         opt = self.opt
-        self._ensure_layout()
-        self._reset_pass()
+        self._start()
+        self._validate(batch, "batch")
         try:
             for b in opt._bufs:
                 b.g.zero_()
-            losses = self._pass(opt.model, self._parts(batch), which, 0)
+            return self._pass(opt.model, lambda: self._parts(batch), which, 0)[0]
         except BaseException:
             self._fail_pass()
             raise
-        return losses[0]
+
+    # ------------------------------------------------------------ replicas
+    def _broadcast_packed(self, tensors: List[torch.Tensor], what: str) -> None:
+        """Rank 0's values of small tensors of any dtypes, in ONE broadcast
+        of a byte buffer (no per-tensor collectives)."""
+        tensors = [t for t in tensors if t.numel() > 0]
+        if not tensors:
+            return
+        offs, n = [], 0
+        for t in tensors:
+            n = -(-n // _BUFFER_ALIGN) * _BUFFER_ALIGN
+            offs.append(n)
+            n += t.numel() * t.element_size()
+        packed = torch.zeros(n, dtype=torch.uint8, device=self.device)
+        views = [packed[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                 for o, t in zip(offs, tensors)]
+        with torch.no_grad():
+            if self.rank == 0:
+                torch._foreach_copy_(views, [t.to(self.device) for t in tensors])
+            self._broadcast(packed, what)
+            if self.rank != 0:
+                for t, v in zip(tensors, views):
+                    t.copy_(v)
+
+    def _broadcast(self, t: torch.Tensor, what: str) -> None:
+        try:
+            work = dist.broadcast(t, src=self._global[0], group=self.group, async_op=True)
+        except Exception as e:
+            raise self._comm_error(what, e) from e
+        self._works.append((what, work))
+        self._wait()
+
+    def sync_replicas(self) -> None:
+        """Make every rank hold rank 0's replica: x (the parameters), the flat
+        base state, gy and ||gy||^2, the step counters, the GradScaler's scale
+        and growth tracker, the model's buffers and its parameters outside the
+        optimizer. One broadcast per flat buffer (x, each state buffer, gy of
+        each slab) plus one for everything small, packed. Collective: call it
+        on every rank (construction and load_state_dict do)."""
+        if self.group is None:
+            raise RuntimeError(f"{self._who}: the engine was closed; create the optimizer again")
+        # The ranks must agree on layout and settings (a state dict may carry
+        # other hyperparameters): check again, then broadcast.
+        if self._bufs_ref is self.opt._bufs:
+            self._check_fingerprint()
+        else:
+            self._ensure_layout()
+        self._sync_values()
+
+    def _sync_values(self) -> None:
+        opt = self.opt
+        self._works = []
+        with torch.no_grad(), self._on_device():
+            for b in opt._bufs:
+                flats = [b.x] + list(b.state.values()) + ([b.gy] if opt._sampa else [])
+                for f in flats:
+                    self._broadcast(f, "replica broadcast")
+            small: List[torch.Tensor] = []
+            sqs = getattr(opt, "_gy_sqs", None)  # absent while the optimizer is being built
+            if opt._sampa and sqs:
+                small.append(sqs[0])
+            counters = torch.tensor([opt._t, opt.skipped_steps] + list(opt._steps) + list(opt._state_steps),
+                                    dtype=torch.int64)
+            small.append(counters)
+            scaler = getattr(opt, "grad_scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                if scaler._scale is None:      # lazily made by torch on first use
+                    scaler._lazy_init_scale_growth_tracker(self.device)
+                small += [scaler._scale, scaler._growth_tracker]
+            laid_out = {id(p) for p in opt._params}
+            small += [p.data for p in opt.model.parameters() if id(p) not in laid_out]
+            small += [t for m in self._modules for t in m._buffers.values() if t is not None]
+            self._broadcast_packed(small, "replica broadcast")
+        if self.rank != 0:
+            c = counters.tolist()
+            g = len(opt._steps)
+            opt._t, opt.skipped_steps = c[0], c[1]
+            steps, state_steps = c[2:2 + g], c[2 + g:]
+            changed = state_steps != list(opt._state_steps)
+            opt._steps, opt._state_steps = steps, state_steps
+            if changed:
+                opt._publish_state()       # state views and AdamW's step counts follow
+        # the y-model's parameters follow x at the next step (sampa_pre)
+
+    def relayout(self) -> None:
+        """After the optimizer laid out its parameters again (add_param_group,
+        requires_grad changes): new buckets, hooks and fingerprint check, and
+        rank 0's values of any newly added parameters on every rank."""
+        self._ensure_layout()
+        self._sync_values()
+
+    def close(self) -> None:
+        """Destroy the engine's own process group (each engine creates one).
+        Local, not collective. The engine cannot step afterwards."""
+        group, self.group = getattr(self, "group", None), None
+        for h in getattr(self, "_hooks", []):
+            h.remove()
+        self._hooks = []
+        if group is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group(group)
+
+    def __del__(self):
+        # Guarded: never at interpreter shutdown, and never on a group whose
+        # collective failed (its shutdown may block on a dead peer).
+        if getattr(self, "_broken", True) or sys.is_finalizing():
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - a destructor must not raise
+            pass
 
     def __repr__(self) -> str:
         return (f"DistributedEngine(method={self.method}, rank={self.rank}, world_size={self.world_size}, "
