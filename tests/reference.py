@@ -150,3 +150,32 @@ def make_batches(n, batch=9, d_in=7, classes=5, seed=1):
 
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
+
+
+def snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _same(a, b):
+    """Equal, NaN matching NaN (a poisoned held batch stays poisoned)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def assert_same(snap_a, snap_b, skipped=0):
+    """Model and optimizer exactly as they were, but for `skipped` more skipped steps."""
+    (ma, oa), (mb, ob) = snap_a, snap_b
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    for p in oa["state"]:
+        for k, v in oa["state"][p].items():
+            assert torch.equal(v, ob["state"][p][k]), (p, k)
+    ea, eb = oa["sampa_fused"], ob["sampa_fused"]
+    assert (ea["t"], ea["steps"]) == (eb["t"], eb["steps"])
+    assert eb["skipped_steps"] == ea["skipped_steps"] + skipped
+    if "gy_sq" in ea:
+        assert torch.equal(ea["gy_sq"], eb["gy_sq"])
+    if "gy" in ea:
+        assert all(torch.equal(a, b) for a, b in zip(ea["gy"], eb["gy"]))
+        ha, hb = ea["held_batch"], eb["held_batch"]
+        assert all(_same(a, b) for a, b in zip(ha, hb)) if ha is not None else hb is None

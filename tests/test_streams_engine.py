@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reference import assert_same, snapshot
 from sampa_fused import SAM, SAMPa
 from sampa_fused.batching import MicroBatches
 from sampa_fused.engines.serial import SerialEngine
@@ -248,26 +249,6 @@ def test_whole_step_clip_and_state_dict_resume():
     _assert_state_close(ref, opt)
 
 
-def _snapshot(model, opt):
-    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-
-
-def _assert_same(a, b):
-    (ma, oa), (mb, ob) = a, b
-    for k in ma:
-        assert torch.equal(ma[k], mb[k]), k
-    for p in oa["state"]:
-        for k, v in oa["state"][p].items():
-            assert torch.equal(v, ob["state"][p][k]), (p, k)
-    ea, eb = oa["sampa_fused"], ob["sampa_fused"]
-    assert (ea["t"], ea["steps"], ea.get("skipped_steps")) == (eb["t"], eb["steps"], eb.get("skipped_steps"))
-    if "gy" in ea:
-        assert all(torch.equal(u, v) for u, v in zip(ea["gy"], eb["gy"]))
-        assert torch.equal(ea["gy_sq"], eb["gy_sq"])
-        assert ea["held_batch"] is eb["held_batch"] or all(
-            torch.equal(u, v) for u, v in zip(ea["held_batch"], eb["held_batch"]))
-
-
 def _nan(batch):
     x, y = batch
     x = x.clone()
@@ -282,10 +263,10 @@ def test_whole_step_refuses_nonfinite_and_leaves_everything(cls):
     batches = make_batches(5)
     whole.step(batches[0])
     whole.step(batches[1])
-    before = _snapshot(model, opt)
+    before = snapshot(model, opt)
     with pytest.raises(FloatingPointError, match="non-finite loss .* unchanged"):
         whole.step(_nan(batches[2]))
-    _assert_same(before, _snapshot(model, opt))
+    assert_same(before, snapshot(model, opt))
     whole.step(batches[2])
     assert opt._t == 3 and torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
 
@@ -308,11 +289,11 @@ def test_whole_step_rolls_back_when_a_pass_raises():
     _, _, opt, whole = _pair(SAMPa, model, torch.optim.SGD, lr=0.1, momentum=0.9)
     batches = make_batches(3)
     whole.step(batches[0])
-    before = _snapshot(model, opt)
+    before = snapshot(model, opt)
     opt.loss_fn = lambda m, b: (_ for _ in ()).throw(KeyError("boom"))
     with pytest.raises(KeyError, match="boom"):
         whole.step(batches[1])
-    _assert_same(before, _snapshot(model, opt))
+    assert_same(before, snapshot(model, opt))
 
 
 def test_graph_needs_sgd_or_adamw_and_no_grad_scaler():
@@ -403,10 +384,10 @@ def test_graph_mode_static_buffers_match_serial(cls):
     for i, b in enumerate(seq):
         if b == "nan":
             replays_before = whole.replays
-            snap = _snapshot(model, opt)
+            snap = snapshot(model, opt)
             with pytest.raises(FloatingPointError, match="unchanged"):
                 whole.step(_nan(full[9]))
-            _assert_same(snap, _snapshot(model, opt))
+            assert_same(snap, snapshot(model, opt))
             assert whole.replays == replays_before + 1             # refused inside the graph
             continue
         if i == 10:
@@ -589,10 +570,10 @@ def test_uncapturable_loss_is_refused_clearly():
     batches = _cuda_batches(4)
     opt.step(batches[0])
     opt.step(batches[1])
-    before = _snapshot(model, opt)
+    before = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="could not be captured"):
         opt.step(batches[2])
-    _assert_same(before, _snapshot(model, opt))
+    assert_same(before, snapshot(model, opt))
 
 
 @cuda
@@ -615,12 +596,12 @@ def test_graph_short_batch_and_nonfinite(deterministic):
     for b in batches[:5] + [short] + batches[5:8]:
         torch.testing.assert_close(opt.step(b), ref.step(b), rtol=1e-4, atol=1e-5)
     _assert_models_close(ref_model, model, rtol=1e-4, atol=1e-5)
-    before = _snapshot(model, opt)
+    before = snapshot(model, opt)
     x, y = batches[8]
     bad = (x.clone().index_fill_(0, torch.tensor([0], device=x.device), float("nan")), y)
     with pytest.raises(FloatingPointError, match="unchanged"):
         opt.step(bad)
-    _assert_same(before, _snapshot(model, opt))
+    assert_same(before, snapshot(model, opt))
     for b in batches[8:]:
         torch.testing.assert_close(opt.step(b), ref.step(b), rtol=1e-4, atol=1e-5)
     _assert_models_close(ref_model, model, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,27 @@ import triton.language as tl
 
 from . import KernelConfig
 
+@triton.jit
+def post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, offs, mask, lam, one_minus_lam,
+                  MIX: tl.constexpr, UNSCALE: tl.constexpr):
+    """The gradient a post kernel steps with: gxt, unscaled by the GradScaler's
+    1/scale (from device memory) when UNSCALE, mixed (1 - lam) gxt + lam gy_new
+    when MIX, which also commits gy <- gy_new (unscaled) for the next step."""
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if UNSCALE:
+        inv = tl.load(inv_ptr)
+        g = g * inv
+    if MIX:
+        gy_raw = tl.load(gy_new_ptr + offs, mask=mask)
+        if UNSCALE:
+            gy_new = gy_raw.to(tl.float32) * inv
+            g = g * one_minus_lam + lam * gy_new
+            tl.store(gy_ptr + offs, gy_new.to(gy_ptr.dtype.element_ty), mask=mask)
+        else:
+            g = g * one_minus_lam + lam * gy_raw.to(tl.float32)
+            tl.store(gy_ptr + offs, gy_raw, mask=mask)      # bit-exact commit
+    return g
+
 
 @triton.jit
 def perturb_kernel(x_ptr, g_ptr, norm_ptr, inv_ptr, n, rho, UNSCALE: tl.constexpr,

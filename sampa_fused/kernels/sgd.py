@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import KernelConfig
+from .perturb import post_gradient
 
 
 @triton.jit
@@ -71,19 +72,7 @@ def sgd_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, buf_ptr, inv_p
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_save_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    if UNSCALE:
-        inv = tl.load(inv_ptr)                          # 1 / loss scale, from the device
-        g = g * inv
-    if MIX:
-        gy_raw = tl.load(gy_new_ptr + offs, mask=mask)
-        if UNSCALE:
-            gy_new = gy_raw.to(tl.float32) * inv
-            g = g * one_minus_lam + lam * gy_new
-            tl.store(gy_ptr + offs, gy_new.to(gy_ptr.dtype.element_ty), mask=mask)   # commit, unscaled
-        else:
-            g = g * one_minus_lam + lam * gy_raw.to(tl.float32)
-            tl.store(gy_ptr + offs, gy_raw, mask=mask)      # commit gy_{t+1}
+    g = post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, offs, mask, lam, one_minus_lam, MIX, UNSCALE)
     buf = g
     if MOMENTUM:
         if not FIRST:
