@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import KernelConfig
-from .perturb import post_gradient
+from .perturb import post_gradient, store_pre
 
 
 @triton.jit
@@ -46,6 +46,18 @@ def _adamw_math(x, g, m, v, vmax, decay, w, beta2, one_minus_beta2, step_size, b
 
 
 @triton.jit
+def _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD: tl.constexpr):
+    """exp_avg, exp_avg_sq and (amsgrad) max_exp_avg_sq in fp32; without
+    amsgrad vmax is a stand-in that _adamw_math does not use."""
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    vmax = v
+    if AMSGRAD:
+        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+    return m, v, vmax
+
+
+@triton.jit
 def adamw_pre_kernel(x_ptr, x_save_ptr, y_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, norm_ptr, n,
                      rho, decay, w, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
                      WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -55,18 +67,11 @@ def adamw_pre_kernel(x_ptr, x_save_ptr, y_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, n
     x_raw = tl.load(x_ptr + offs, mask=mask)
     x = x_raw.to(tl.float32)
     gy = tl.load(gy_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    vmax = v
-    if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+    m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
     y, _m, _v, _vmax = _adamw_math(x, gy, m, v, vmax, decay, w, beta2, one_minus_beta2,
                                    step_size, bc2_sqrt, eps,
                                    WEIGHT_DECAY, AMSGRAD, MAXIMIZE, LERP_SMALL)
-    scale = tl.div_rn(rho, tl.load(norm_ptr) + 1e-12)
-    tl.store(x_save_ptr + offs, x_raw, mask=mask)
-    tl.store(x_ptr + offs, (x + scale * gy).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_pre(x_ptr, x_save_ptr, y_ptr, norm_ptr, offs, mask, x_raw, x, gy, y, rho)
 
 
 @triton.jit
@@ -79,11 +84,7 @@ def adamw_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, m_ptr, v_ptr
     mask = offs < n
     x = tl.load(x_save_ptr + offs, mask=mask).to(tl.float32)
     g = post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, offs, mask, lam, one_minus_lam, MIX, UNSCALE)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    vmax = v
-    if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+    m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
     x, m, v, vmax = _adamw_math(x, g, m, v, vmax, decay, w, beta2, one_minus_beta2,
                                 step_size, bc2_sqrt, eps,
                                 WEIGHT_DECAY, AMSGRAD, MAXIMIZE, LERP_SMALL)

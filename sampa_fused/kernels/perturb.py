@@ -29,6 +29,16 @@ def post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, offs, mask, lam, one_minus
             tl.store(gy_ptr + offs, gy_raw, mask=mask)      # bit-exact commit
     return g
 
+@triton.jit
+def store_pre(x_ptr, x_save_ptr, y_ptr, norm_ptr, offs, mask, x_raw, x, gy, y, rho):
+    """The pre kernels' outputs: x_save <- x (bit-exact), the model's x <- xt =
+    x + rho gy / (||gy|| + eps) with the norm read from the device (last step's
+    check), never the host, and y <- the peek."""
+    scale = tl.div_rn(rho, tl.load(norm_ptr) + 1e-12)
+    tl.store(x_save_ptr + offs, x_raw, mask=mask)
+    tl.store(x_ptr + offs, (x + scale * gy).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def perturb_kernel(x_ptr, g_ptr, norm_ptr, inv_ptr, n, rho, UNSCALE: tl.constexpr,

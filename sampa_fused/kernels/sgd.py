@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import KernelConfig
-from .perturb import post_gradient
+from .perturb import post_gradient, store_pre
 
 
 @triton.jit
@@ -56,11 +56,7 @@ def sgd_pre_kernel(x_ptr, x_save_ptr, y_ptr, gy_ptr, buf_ptr, norm_ptr, n,
             buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
     y, _ = _sgd_math(x, gy, buf, lr, momentum, damp1, weight_decay,
                      MOMENTUM, FIRST, NESTEROV, WEIGHT_DECAY, MAXIMIZE)
-    # The scale comes from the device (last step's norm), never the host.
-    scale = tl.div_rn(rho, tl.load(norm_ptr) + 1e-12)
-    tl.store(x_save_ptr + offs, x_raw, mask=mask)
-    tl.store(x_ptr + offs, (x + scale * gy).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_pre(x_ptr, x_save_ptr, y_ptr, norm_ptr, offs, mask, x_raw, x, gy, y, rho)
 
 
 @triton.jit
