@@ -46,10 +46,6 @@ def plan_layout_py(numels: Sequence[int], keys: Sequence[int], aligns: Sequence[
 
 
 def plan_layout(numels, keys, aligns):
-    from ._ext import load_extension
-    ext = load_extension(required=False)
-    if ext is not None:
-        return ext.plan_layout(list(numels), list(keys), list(aligns))
     return plan_layout_py(numels, keys, aligns)
 
 

@@ -408,6 +408,15 @@ class _FlatSharpness(torch.optim.Optimizer):
                     getattr(b, n).mul_(inv_d)
         return [None] * len(self._replicas)
 
+    def _init_scaler(self) -> None:
+        """torch creates a GradScaler's scale lazily, on the stream that first
+        scales a loss; with the passes on two streams the other pass would
+        read it unordered. Create it here, on the current stream, before
+        the passes fork."""
+        scaler = self.grad_scaler
+        if scaler is not None and scaler._scale is None:
+            scaler._lazy_init_scale_growth_tracker(self._bufs[0].x.device)
+
     def _update_scaler(self, found_inf: bool) -> None:
         scaler = self.grad_scaler
         if scaler is None:
@@ -629,6 +638,7 @@ class SAMPa(_FlatSharpness):
             return whole(batch)
         hyper = self._hyper()
         self._ensure_layout()
+        self._init_scaler()
         held = batch if self._held is None else self._held          # first call: B_0 = B_1
         with torch.no_grad():
             self._save_buffers()
@@ -737,6 +747,7 @@ class SAM(_FlatSharpness):
             return whole(batch)
         hyper = self._hyper()
         self._ensure_layout()
+        self._init_scaler()
         with torch.no_grad():
             self._save_buffers()
             for bufs in self._replicas:

@@ -17,6 +17,8 @@ from sampa_fused.engines import peer
 from sampa_fused.engines.peer import BucketExchange, _to_device, plan_buckets
 from sampa_fused.flat import build_slabs
 
+from fake_cuda import fake_cuda
+
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
@@ -242,7 +244,7 @@ def test_refuses_extension_without_cuda_part(monkeypatch):
         def has_cuda():
             return False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(peer, "load_extension", lambda **kw: CpuOnly)
+    monkeypatch.setattr(_ext, "load_extension", lambda **kw: CpuOnly)
     with pytest.raises(RuntimeError, match="without"):
         _make(engine="peer", devices=("cuda:0", "cuda:0"))
 
@@ -255,63 +257,13 @@ def test_refuses_missing_extension(monkeypatch):
         _make(engine="peer", devices=("cuda:0", "cuda:0"))
 
 
-# ------------------------------------------------- the engine on CPU, CUDA simulated
-class FakeStream:
-    cuda_stream = 0
-
-    def __init__(self, device=None, priority=0):
-        pass
-
-    def wait_stream(self, other):
-        pass
-
-
-class FakeLink:
-    """The extension's PeerLink with the copy done at once, checking the call
-    protocol of a step: begin, copies, finish."""
-    links = []
-
-    def __init__(self, src, dst, src_stream, dst_stream, staged, staging_bytes):
-        self.mode = "staged" if staged else "device"
-        self.open, self.copies, self.steps = False, [], 0
-        FakeLink.links.append(self)
-
-    def begin(self, reader_stream=-1):
-        assert not self.open, "begin twice without finish"
-        self.open = True
-
-    def copy(self, dst, src, start, end, producer_stream=-1):
-        assert self.open, "copy outside begin/finish"
-        assert dst.shape == src.shape and dst.data_ptr() != src.data_ptr()
-        self.copies.append((start, end))
-        dst[start:end].copy_(src[start:end])
-
-    def finish(self, consumer_stream=-1, owner_stream=-1):
-        assert self.open, "finish without begin"
-        self.open = False
-        self.steps += 1
-
-
+# ------------------------------------------------- the engine on CPU, under the stand-in CUDA
 @pytest.fixture
-def simulated_cuda(monkeypatch):
-    """PeerEngine on CPU: CUDA streams and devices as no-ops, the extension's
-    link as an immediate copy. Tests the engine's own logic (replicas, the
-    y-model on B, hooks and buckets, accumulation, relayout), not the ordering."""
-    import contextlib
-    import types
-    FakeLink.links = []
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(peer, "load_extension",
-                        lambda **kw: types.SimpleNamespace(has_cuda=lambda: True, PeerLink=FakeLink))
-    monkeypatch.setattr(peer, "_parse_devices", lambda d: (cpu, cpu))
-    monkeypatch.setattr(peer, "_resolve", lambda d: d)
-    return FakeLink
+def simulated_cuda():
+    """PeerEngine on CPU under tests/fake_cuda.py (one device: both engine
+    devices are cuda:0): the engine's own code, with stream ordering checked."""
+    with fake_cuda(devices=1) as rt:
+        yield rt
 
 
 def _replicas_equal(opt):
@@ -395,14 +347,16 @@ def test_engine_checks_devices_and_first_y_pass(simulated_cuda, monkeypatch):
         bad.step(batches(1, "cpu")[0])
     assert all(p.requires_grad for p in model.parameters())
     bad.engine.close()
-    # parameters elsewhere than devices[0]
-    monkeypatch.setattr(peer, "_parse_devices",
-                        lambda d: (torch.device("meta"), torch.device("meta")))
-    with pytest.raises(ValueError, match="devices\\[0\\]=meta"):
-        SAMPa(OddNet(), ce, torch.optim.SGD, rho=0.05, lam=0.3, lr=0.1, engine="peer")
     # a base optimizer without fused rules cannot keep replicas
     with pytest.raises(ValueError, match="SGD or torch.optim.AdamW"):
         SAMPa(OddNet(), ce, torch.optim.Adagrad, rho=0.05, lam=0.3, lr=0.1, engine="peer")
+
+
+def test_engine_refuses_parameters_elsewhere_than_devices0():
+    with fake_cuda(devices=2):
+        with pytest.raises(ValueError, match="devices\\[0\\]=cuda:1"):
+            SAMPa(OddNet(), ce, torch.optim.SGD, rho=0.05, lam=0.3, lr=0.1, engine="peer",
+                  devices=("cuda:1", "cuda:0"))
 
 
 # ------------------------------------------------------------------ CUDA

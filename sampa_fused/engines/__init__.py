@@ -41,7 +41,6 @@ def auto_engine(opt) -> str:
     an even world size; two GPUs when there are two and the CUDA extension is
     built; two streams on one GPU; else serial. SAM's passes are sequential:
     distributed (data parallel) when initialised, else serial."""
-    import torch
     import torch.distributed as dist
     sampa = getattr(opt, "_sampa", False)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -49,10 +48,10 @@ def auto_engine(opt) -> str:
             return "distributed"
     if not sampa:
         return "serial"
-    devices = {b.x.device for b in opt._bufs}
-    if len(devices) == 1 and next(iter(devices)).type == "cuda":
-        from .._ext import has_cuda_ops
-        if torch.cuda.device_count() >= 2 and has_cuda_ops() and opt.rule.fused:
+    from .. import _cuda
+    devices = {_cuda.logical(b.x.device) for b in opt._bufs}
+    if len(devices) == 1 and _cuda.is_cuda(next(iter(devices))):
+        if _cuda.device_count() >= 2 and _cuda.has_peer_ops() and opt.rule.fused:
             return "peer"
         return "streams"
     return "serial"

@@ -48,7 +48,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._ext import load_extension
+from .. import _cuda
 from ..batching import micro_batches
 
 DEFAULT_BUCKET_BYTES = 1 << 20
@@ -169,19 +169,18 @@ def _hook(ref, s: int, b: int):
 
 
 # ---------------------------------------------------------------- helpers
-def _to_device(obj, src: torch.device, dst: torch.device, stream: torch.cuda.Stream):
+def _to_device(obj, src: torch.device, dst: torch.device, stream):
     """The batch for device B: tensors on device A are copied over (queued on
     the current streams, before A's forward so B need not wait for it); other
     leaves are kept. On one device the tensors are shared and recorded on the
     y-pass stream for the caching allocator."""
     if isinstance(obj, torch.Tensor):
-        if obj.device != src:
+        if _cuda.logical(obj.device) != src:
             return obj
         if src == dst:
-            if obj.is_cuda:
-                obj.record_stream(stream)
+            _cuda.record_stream(obj, stream)
             return obj
-        return obj.to(dst, non_blocking=True)
+        return obj.to(_cuda.physical(dst), non_blocking=True)
     if isinstance(obj, dict):
         return type(obj)((k, _to_device(v, src, dst, stream)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
@@ -216,8 +215,8 @@ def _parse_devices(devices) -> Optional[Tuple[torch.device, torch.device]]:
 
 def _resolve(d: torch.device) -> torch.device:
     """The device with its index, checked to exist."""
-    d = d if d.index is not None else torch.device("cuda", torch.cuda.current_device())
-    n = torch.cuda.device_count()
+    d = d if d.index is not None else torch.device("cuda", _cuda.current_device())
+    n = _cuda.device_count()
     if d.index >= n:
         raise ValueError(f"engine='peer': device {d} does not exist (this process sees {n} CUDA "
                          "device(s))")
@@ -241,26 +240,21 @@ class PeerEngine:
             if not isinstance(v, bool):
                 raise TypeError(f"engine='peer': {name} must be True or False, got {v!r}")
         pair = _parse_devices(devices)
-        if not torch.cuda.is_available():
+        if not _cuda.available():
             raise RuntimeError("engine='peer' needs CUDA devices, and torch.cuda.is_available() is "
                                "False on this machine; use engine='serial' here")
-        ext = load_extension(required=True, feature="engine='peer'")
-        if not ext.has_cuda():
-            raise RuntimeError("engine='peer' needs the CUDA part of the extension sampa_fused._C, "
-                               "which was built without it (CPU-only torch or no nvcc at build "
-                               "time). Rebuild with CUDA_HOME set: `pip install "
-                               "--no-build-isolation -e .` (SAMPA_FUSED_BUILD=cuda)")
+        _cuda.require_peer_ops()
         if not opt.rule.fused:
             raise ValueError(f"SAMPa: the peer engine keeps replicas of the optimizer state and "
                              f"needs torch.optim.SGD or torch.optim.AdamW as base optimizer, not "
                              f"{type(opt.base).__name__}")
-        where = {b.x.device for b in opt._bufs}
+        where = {_cuda.logical(b.x.device) for b in opt._bufs}
         if pair is None:
-            if len(where) != 1 or next(iter(where)).type != "cuda":
+            if len(where) != 1 or not _cuda.is_cuda(next(iter(where))):
                 raise ValueError("engine='peer': the model's parameters must be on one CUDA device "
                                  f"(devices[0]); they are on {sorted(map(str, where))}")
             a = next(iter(where))
-            n = torch.cuda.device_count()
+            n = _cuda.device_count()
             pair = (a, torch.device("cuda", (a.index + 1) % n))
         a, b = _resolve(pair[0]), _resolve(pair[1])
         if where != {a}:
@@ -270,23 +264,18 @@ class PeerEngine:
         self.opt, self.devices = opt, (a, b)
         self.bucket_bytes, self.overlap, self.staged = bucket_bytes, overlap, staged
         self.exchange = True      # False only to time a step without the exchange (wrong results)
-        self._ext = ext
 
         # The streams: B's y-pass, and per direction a copy stream on each end
         # (the source end carries peer / device-to-device copies and the
         # device-to-host half of staged copies, the destination end the
         # host-to-device half).
         hi = -1                   # high priority: copies are not queued behind compute
-        self.y_stream = torch.cuda.Stream(device=b)
-        self._copy_streams = {"ab": (torch.cuda.Stream(device=a, priority=hi),
-                                     torch.cuda.Stream(device=b, priority=hi)),
-                              "ba": (torch.cuda.Stream(device=b, priority=hi),
-                                     torch.cuda.Stream(device=a, priority=hi))}
+        self.y_stream = _cuda.Stream(b)
+        self._copy_streams = {"ab": (_cuda.Stream(a, priority=hi), _cuda.Stream(b, priority=hi)),
+                              "ba": (_cuda.Stream(b, priority=hi), _cuda.Stream(a, priority=hi))}
         self.links = {
-            "ab": ext.PeerLink(a.index, b.index, self._copy_streams["ab"][0].cuda_stream,
-                               self._copy_streams["ab"][1].cuda_stream, staged, STAGING_BYTES),
-            "ba": ext.PeerLink(b.index, a.index, self._copy_streams["ba"][0].cuda_stream,
-                               self._copy_streams["ba"][1].cuda_stream, staged, STAGING_BYTES)}
+            "ab": _cuda.peer_link(a.index, b.index, *self._copy_streams["ab"], staged, STAGING_BYTES),
+            "ba": _cuda.peer_link(b.index, a.index, *self._copy_streams["ba"], staged, STAGING_BYTES)}
         if a != b and not staged and self.links["ab"].mode == "staged":
             warnings.warn(f"engine='peer': {a} and {b} cannot access each other's memory (no "
                           "peer access); gradients go through pinned host memory, which is slower",
@@ -297,7 +286,8 @@ class PeerEngine:
 
     # ------------------------------------------------------------- set-up
     def _make_ymodel(self):
-        return self.opt._make_ymodel(f" on {self.devices[1]}").to(self.devices[1])
+        with _cuda.device(self.devices[1]):
+            return self.opt._make_ymodel(f" on {self.devices[1]}").to(_cuda.physical(self.devices[1]))
 
     def relayout(self) -> None:
         """(Re)build device B's buffers from device A's layout and values: at
@@ -307,8 +297,9 @@ class PeerEngine:
         for ex in self._exchanges:
             ex.close()
         self._bufs_a = opt._bufs
-        self._bufs_b = [SlabBuffers(dataclasses.replace(bf.slab, device=b_dev), True,
-                                    list(bf.state)) for bf in opt._bufs]
+        with _cuda.device(b_dev):
+            self._bufs_b = [SlabBuffers(dataclasses.replace(bf.slab, device=_cuda.physical(b_dev)),
+                                        True, list(bf.state)) for bf in opt._bufs]
         named = dict(self.ymodel.named_parameters(remove_duplicate=True))
         try:
             self._yparams = [named[opt._names[id(p)]] for p in opt._params]
@@ -371,7 +362,7 @@ class PeerEngine:
                                "relayout(); use opt.add_param_group to add parameters")
         a, b = self.devices
         ys = self.y_stream
-        ca, cb = torch.cuda.current_stream(a), torch.cuda.current_stream(b)
+        ca, cb = _cuda.current_stream(a), _cuda.current_stream(b)
         ex_a, ex_b = self._exchanges
         exchange = self.exchange
         # B's pass reads y (written by the pre-gradient update on B's current
@@ -381,14 +372,14 @@ class PeerEngine:
             ys.wait_stream(ca)
         if exchange:
             # The copies overwrite B's g and A's gy_new: after their last readers.
-            self.links["ab"].begin(cb.cuda_stream)
-            self.links["ba"].begin(ca.cuda_stream)
+            self.links["ab"].begin(_cuda.handle(cb))
+            self.links["ba"].begin(_cuda.handle(ca))
         try:
-            with torch.cuda.device(b), torch.cuda.stream(ys):
+            with _cuda.device(b), _cuda.stream(ys):
                 batch_b = _to_device(batch, a, b, ys)
                 for bb in self._bufs_b:
                     bb.gy_new.zero_()
-            with torch.cuda.device(a):
+            with _cuda.device(a):
                 for ba in self._bufs_a:
                     ba.g.zero_()
             if self.ymodel.training != opt.model.training:
@@ -409,8 +400,8 @@ class PeerEngine:
             # The updates (on each device's current stream) wait for the
             # incoming gradients; the next step's zeroing of the outgoing
             # buffers waits for the copies to have read them.
-            self.links["ab"].finish(cb.cuda_stream, ca.cuda_stream)
-            self.links["ba"].finish(ca.cuda_stream, cb.cuda_stream)
+            self.links["ab"].finish(_cuda.handle(cb), _cuda.handle(ca))
+            self.links["ba"].finish(_cuda.handle(ca), _cuda.handle(cb))
         return loss_x, loss_y
 
     def _passes(self, held, batch_b, ex_a, ex_b, exchange):
@@ -426,12 +417,12 @@ class PeerEngine:
         for i in range(max(len(parts_x), len(parts_y))):
             losses = []
             if i < len(parts_x):
-                with torch.cuda.device(a):
+                with _cuda.device(a):
                     lx = self._weighted(opt._loss(opt.model, parts_x[i][0], "x̃-pass"), parts_x[i][1])
                 losses.append(scaler.scale(lx) if scaler is not None else lx)
                 total_x = lx.detach() if total_x is None else total_x + lx.detach()
             if i < len(parts_y):
-                with torch.cuda.device(b), torch.cuda.stream(self.y_stream):
+                with _cuda.device(b), _cuda.stream(self.y_stream):
                     ly = self._weighted(self._y_loss(parts_y[i][0]), parts_y[i][1])
                     losses.append(scaler.scale(ly) if scaler is not None else ly)
                     total_y = ly.detach() if total_y is None else total_y + ly.detach()

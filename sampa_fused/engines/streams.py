@@ -33,12 +33,14 @@ gradients finite), after the work is queued, like every engine.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..backends import EPS
 from ..backends.torch_backend import TorchBackend
+from .. import _cuda
 from .serial import SerialEngine, check_one_device
 
 # --------------------------------------------------------------------------
@@ -107,14 +109,14 @@ class DeviceHyper:
     def upload(self, rows: Sequence[Sequence[float]]) -> None:
         flat = [float(v) for r in rows for v in r]
         if self.table is None or self.table.numel() != len(flat):
-            self.table = torch.zeros(len(flat), dtype=torch.float32, device=self.device)
+            self.table = torch.zeros(len(flat), dtype=torch.float32, device=_cuda.physical(self.device))
             self._views = [{n: self.table[g * ROW + i] for n, i in SLOTS.items()}
                            for g in range(len(rows))]
             self.version += 1
             self._last = None
         if flat != self._last:
             src = torch.tensor(flat, dtype=torch.float32)
-            if self.device.type == "cuda":
+            if _cuda.physical(self.device).type == "cuda":
                 # The caching host allocator keeps a pinned block alive until the
                 # copy that reads it has run, so the host never overwrites it early.
                 src = src.pin_memory()
@@ -264,7 +266,7 @@ class WholeStep:
         self.on_capture_failure = on_capture_failure
         self.hyper = DeviceHyper(device)
         # The stream eager graph-mode steps and the capture run on (None on CPU).
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = _cuda.Stream(device) if _cuda.is_cuda(device) else None
         self.captures = 0                         # graphs captured so far
         self.replays = 0                          # steps that ran as a graph replay
         self._check = TorchBackend().check
@@ -322,7 +324,7 @@ class WholeStep:
         self._clip = None if clip is None else float(clip)
         if opt._sampa:
             if self._gy_sq is None:
-                self._gy_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+                self._gy_sq = torch.zeros((), dtype=torch.float32, device=_cuda.physical(self.device))
             # The table the graph reads is ours; load_state_dict copies into it in place.
             if opt._gy_sqs[0] is not self._gy_sq:
                 self._gy_sq.copy_(opt._gy_sqs[0])
@@ -338,7 +340,7 @@ class WholeStep:
             leaves: List[torch.Tensor] = []
             specs.append(flatten_batch(b, leaves))
             for i, t in enumerate(leaves):
-                if t.device != self.device:
+                if _cuda.logical(t.device) != self.device:
                     raise ValueError(
                         f"{type(self.opt).__name__} with graph=True: every tensor of the batch must "
                         f"already be on {self.device}, but tensor {i} of the {what} (shape "
@@ -354,15 +356,15 @@ class WholeStep:
             return self._finish(loss, flags, batch)
         # Warm up on the stream the capture will use (cuBLAS/cuDNN state is per
         # stream), forked from and joined back to the current stream.
-        cur = torch.cuda.current_stream(self.device)
+        cur = _cuda.current_stream(self.device)
         s.wait_stream(cur)
         try:
-            with torch.cuda.stream(s):
+            with _cuda.stream(s):
                 loss, flags = self._run(held, batch, rollback=True)
         finally:
             cur.wait_stream(s)
-        loss.record_stream(cur)
-        flags.record_stream(cur)
+        _cuda.record_stream(loss, cur)
+        _cuda.record_stream(flags, cur)
         return self._finish(loss, flags, batch)
 
     def _replay(self, cap: _Captured, held, batch):
@@ -410,13 +412,15 @@ class WholeStep:
         opt = self.opt
         new_src: List[torch.Tensor] = []
         new_spec = flatten_batch(batch, new_src)
-        new = [torch.empty_like(t) for t in new_src]
+        # Filled with this step's values: the buffers hold meaningful data from
+        # the start (a capture records, it does not run; the replay copies again).
+        new = [t.detach().clone() for t in new_src]
         held_static: List[torch.Tensor] = []
         held_tree = None
         if opt._sampa:
             held_src: List[torch.Tensor] = []
             held_spec = flatten_batch(held, held_src)
-            held_static = [torch.empty_like(t) for t in held_src]
+            held_static = [t.detach().clone() for t in held_src]
             held_tree = rebuild_batch(held_spec, held_static)
         new_tree = rebuild_batch(new_spec, new)
         # B_{t+1} becomes the next step's held batch: when the shapes allow,
@@ -448,20 +452,20 @@ class WholeStep:
     def _record(self, body):
         """Capture `body` (queues one step, returns its loss and flags) as a
         CUDA graph without running it. Returns (graph, static outputs)."""
-        graph = torch.cuda.CUDAGraph()
+        graph = _cuda.CUDAGraph()
         stream = self._stream
-        cur = torch.cuda.current_stream(self.device)
+        cur = _cuda.current_stream(self.device)
         stream.wait_stream(cur)
         try:
             # thread_local: CUDA calls of other threads (a DataLoader's pinning
             # thread) do not break the capture; this thread's are still checked,
             # and a host read on a capturing stream always fails.
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            with _cuda.graph(graph, stream, capture_error_mode="thread_local"):
                 out = body()
         except Exception:
             # torch.cuda.graph leaves its stream current when ending the capture fails.
-            torch.cuda.set_stream(cur)
-            self._stream = torch.cuda.Stream(self.device)   # start clean after a failed capture
+            _cuda.set_stream(cur)
+            self._stream = _cuda.Stream(self.device)   # start clean after a failed capture
             raise
         cur.wait_stream(stream)
         return graph, out
@@ -591,13 +595,13 @@ class StreamsEngine(SerialEngine):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"engine='streams': warmup_steps must be an int >= 1 (eager steps "
                              f"before the capture), got {warmup_steps!r}")
-        if not torch.cuda.is_available():
+        if not _cuda.available():
             raise RuntimeError("engine='streams' needs a CUDA device, and torch.cuda.is_available() "
                                "is False on this machine; use engine='serial' (the same math on "
                                "one device, CPU included)")
         self.opt = opt
-        self.device = check_one_device(opt, self.name)
-        if self.device.type != "cuda":
+        self.device = _cuda.logical(check_one_device(opt, self.name))
+        if not _cuda.is_cuda(self.device):
             raise ValueError(f"engine='streams' runs on one CUDA device, but the parameters are on "
                              f"{self.device}; move the model to the GPU (model.cuda()) before "
                              "building the optimizer")
@@ -612,7 +616,7 @@ class StreamsEngine(SerialEngine):
 
     def _new_streams(self) -> None:
         # Also after a failed capture: streams that took part in it start clean.
-        self.streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        self.streams = (_cuda.Stream(self.device), _cuda.Stream(self.device))
 
     def _hook_missing(self):
         return RuntimeError(
@@ -635,28 +639,26 @@ class StreamsEngine(SerialEngine):
 
     def _two_passes(self, held, batch):
         opt = self.opt
-        cur = torch.cuda.current_stream(self.device)
+        cur = _cuda.current_stream(self.device)
         sx, sy = self.streams
-        capturing = torch.cuda.is_current_stream_capturing()
+        capturing = _cuda.is_capturing()
         # Fork: both passes start after the pre-gradient update queued on `cur`.
         sx.wait_stream(cur)
         sy.wait_stream(cur)
         try:
             # Backward ops run on the stream of their forward ops, so each pass
             # (forward and backward) stays on its stream.
-            with torch.cuda.stream(sx):
+            with _cuda.stream(sx):
                 for b in opt._bufs:
                     b.g.zero_()
                 loss_x = opt._forward_backward(opt.model, held, "x̃-pass")
             ymodel = opt._ymodel
             if ymodel.training != opt.model.training:
                 ymodel.train(opt.model.training)
-            with torch.cuda.stream(sy):
+            with _cuda.stream(sy):
                 for b in opt._bufs:
                     b.gy_new.zero_()
-                if opt._t == 0:
-                    loss_y = self._first_y_pass(batch)
-                else:
+                with opt._user_params_frozen() if opt._t == 0 else contextlib.nullcontext():
                     loss_y = opt._forward_backward(ymodel, batch, "y-pass")
         finally:
             # Join, also on error: nothing may still write buffers that a
@@ -666,12 +668,11 @@ class StreamsEngine(SerialEngine):
         if not capturing:
             # Tell the caching allocator which streams used memory that another
             # stream allocated, so that it is not reused too early.
-            loss_x.record_stream(cur)
-            loss_y.record_stream(cur)
+            _cuda.record_stream(loss_x, cur)
+            _cuda.record_stream(loss_y, cur)
             for tree, s in ((held, sx), (batch, sy)):
                 leaves: List[torch.Tensor] = []
                 flatten_batch(tree, leaves)
                 for t in leaves:
-                    if t.is_cuda:
-                        t.record_stream(s)
+                    _cuda.record_stream(t, s)
         return loss_x, loss_y
