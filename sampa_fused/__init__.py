@@ -1,6 +1,7 @@
 """sampa-fused: SAMPa (sharpness-aware minimization, parallelized) and SAM as
 drop-in PyTorch optimizers over flat parameter buffers."""
+from .batching import MicroBatches
 from .optim import SAM, SAMPa
 
-__all__ = ["SAMPa", "SAM"]
-__version__ = "0.1.0"
+__all__ = ["SAMPa", "SAM", "MicroBatches"]
+__version__ = "0.2.0"

@@ -45,6 +45,13 @@ class TorchCuda:
     def current_device(self) -> int:
         return torch.cuda.current_device()
 
+    def to_device(self, t: torch.Tensor, device) -> torch.Tensor:
+        """A copy of `t` on `device` (a logical device)."""
+        return t.to(device, non_blocking=True)
+
+    def move_module(self, module, device):
+        return module.to(device)
+
     def Stream(self, device, priority: int = 0):
         return torch.cuda.Stream(device=device, priority=priority)
 
@@ -125,6 +132,8 @@ is_cuda = _forward("is_cuda")
 logical = _forward("logical")
 physical = _forward("physical")
 current_device = _forward("current_device")
+to_device = _forward("to_device")
+move_module = _forward("move_module")
 Stream = _forward("Stream")
 current_stream = _forward("current_stream")
 stream = _forward("stream")

@@ -2,13 +2,16 @@
 contiguous buffer per (device, dtype), ordered by param group so that each
 group is one contiguous segment of its buffer.
 
-The update math then runs once per (buffer, group segment) instead of once per
-tensor, and gradients accumulate in place into a flat gradient buffer.
+The update math then runs once per (buffer, range) instead of once per
+tensor, and gradients accumulate in place into a flat gradient buffer. A
+tensor keeps its memory format (channels_last...): its view has its strides,
+over its own dense range of the buffer; every flat buffer of a slab uses the
+same layout, so elementwise work pairs the right elements.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,14 +20,13 @@ import torch
 ALIGN_BYTES = 64
 
 
-def plan_layout_py(numels: Sequence[int], keys: Sequence[int], aligns: Sequence[int]
-                   ) -> Tuple[List[int], List[int], List[int]]:
+def plan_layout(numels: Sequence[int], keys: Sequence[int], aligns: Sequence[int]
+                ) -> Tuple[List[int], List[int], List[int]]:
     """Assign each tensor a (slab, offset); tensors keep their input order.
 
     `keys[i]` names the (device, dtype) slab of tensor i, `aligns[i]` its
     alignment in elements. Returns (slab index per tensor, offset per tensor,
     size per slab); slabs are numbered in order of first appearance.
-    Mirrors `sampa_fused._C.plan_layout`.
     """
     if not len(numels) == len(keys) == len(aligns):
         raise ValueError(f"plan_layout: numels, keys and aligns differ in length "
@@ -45,8 +47,21 @@ def plan_layout_py(numels: Sequence[int], keys: Sequence[int], aligns: Sequence[
     return slab_ids, offsets, sizes
 
 
-def plan_layout(numels, keys, aligns):
-    return plan_layout_py(numels, keys, aligns)
+def dense_strides(t: torch.Tensor) -> Optional[Tuple[int, ...]]:
+    """`t`'s strides if it covers a dense range of memory in another order
+    than contiguous (channels_last or any other permutation); None for
+    contiguous tensors and for those that are not dense (they are laid out
+    contiguous)."""
+    shape, stride = tuple(t.shape), tuple(t.stride())
+    if t.is_contiguous() or 0 in shape:
+        return None
+    order = sorted(range(len(shape)), key=lambda d: (stride[d], shape[d]))
+    expect = 1
+    for d in order:
+        if shape[d] != 1 and stride[d] != expect:
+            return None
+        expect *= shape[d]
+    return stride
 
 
 @dataclass
@@ -66,6 +81,7 @@ class Slab:
     index: List[int] = field(default_factory=list)     # position in the param list
     offsets: List[int] = field(default_factory=list)
     shapes: List[torch.Size] = field(default_factory=list)
+    strides: List[Optional[Tuple[int, ...]]] = field(default_factory=list)   # None: contiguous
     segments: List[Segment] = field(default_factory=list)
 
     def empty(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
@@ -73,10 +89,18 @@ class Slab:
                            device=self.device if device is None else device)
 
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        return [flat[o:o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
+        out = []
+        for o, s, st in zip(self.offsets, self.shapes, self.strides):
+            v = flat[o:o + s.numel()]
+            out.append(v.view(s) if st is None else v.as_strided(s, st))
+        return out
 
-    def gather(self, tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
-        """Copy `tensors` (in param-list order; None: leave zero) into `flat`.
+    def ranges(self) -> List[Tuple[int, int]]:
+        """[start, end) of each tensor in the buffer (slab order)."""
+        return [(o, o + s.numel()) for o, s in zip(self.offsets, self.shapes)]
+
+    def gather(self, tensors: Sequence, flat: torch.Tensor) -> torch.Tensor:
+        """Copy `tensors` (in param-list order; None: leave as is) into `flat`.
         Set-up and load time only."""
         with torch.no_grad():
             for view, i in zip(self.views(flat), self.index):
@@ -117,6 +141,7 @@ def build_slabs(tensors: Sequence[torch.Tensor], groups: Sequence[int]) -> List[
         slab.index.append(i)
         slab.offsets.append(offsets[pos])
         slab.shapes.append(tensors[i].shape)
+        slab.strides.append(dense_strides(tensors[i]))
         g = groups[i]
         if slab.segments and slab.segments[-1].group == g:
             slab.segments[-1].end = offsets[pos] + numels[pos]
@@ -127,7 +152,7 @@ def build_slabs(tensors: Sequence[torch.Tensor], groups: Sequence[int]) -> List[
     # group's last tensor belongs to it; it stays zero under every update), so
     # the kernels see aligned pointers and lengths and use vector accesses.
     for slab in slabs:
-        align = max(1, ALIGN_BYTES // slab.empty(device="meta").element_size())
+        align = max(1, ALIGN_BYTES // torch.empty((), dtype=slab.dtype, device="meta").element_size())
         for a, b in zip(slab.segments, slab.segments[1:]):
             a.end = b.start = -(-a.end // align) * align
         slab.numel = -(-slab.numel // align) * align

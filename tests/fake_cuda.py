@@ -323,6 +323,31 @@ class FakeCuda:
     def current_device(self) -> int:
         return self.cur_dev
 
+    def to_device(self, t: torch.Tensor, device) -> torch.Tensor:
+        """A copy on another (logical) device: as torch copies between devices,
+        on the source's current stream, synchronised with the destination's."""
+        d = self._index(device)
+        src_dev = self.device_of(t)
+        src_dev = self.cur_dev if src_dev is None else src_dev
+        if src_dev == d:
+            return t
+        src, dst = self.current[src_dev], self.current[d]
+        src.wait_stream(dst)
+        seq = src.tick()
+        self._touch(t, False, src, seq, "copy to another device")
+        with self._untracked():
+            out = t.detach().clone()
+        if t.requires_grad:
+            out.requires_grad_(True)
+        self._fresh(out, d)
+        self._touch(out, True, src, seq, "copy to another device")
+        dst.wait_stream(src)
+        return out
+
+    def move_module(self, module, device):
+        with torch.no_grad():
+            return module._apply(lambda t: self.to_device(t, device))
+
     def _index(self, device) -> int:
         if device is None:
             return self.cur_dev
@@ -521,16 +546,17 @@ class FakeCuda:
         if self._bw and self._bw[-1]["now"] is not None:
             return self._bw[-1]["now"]
         for t in tensors:
-            if t.device.type == "cpu" and t.numel():
-                d = self._dev_of.get(t.untyped_storage().data_ptr())
-                if d is not None:
-                    return self.current[d]
+            d = self.device_of(t)
+            if d is not None:
+                return self.current[d]
         return self.current[self.cur_dev]
 
     def device_of(self, t: torch.Tensor) -> Optional[int]:
+        """The device a tensor's memory belongs to: where it was allocated,
+        or cuda:0 for memory allocated before the block (the CPU is cuda:0)."""
         if t.device.type != "cpu" or t.numel() == 0:
             return None
-        return self._dev_of.get(t.untyped_storage().data_ptr())
+        return self._dev_of.get(t.untyped_storage().data_ptr(), 0)
 
     def cross_device(self, name: str, reads, writes):
         """(source stream, destination stream) for a copy between two devices."""
@@ -538,9 +564,7 @@ class FakeCuda:
             return None
         src = self.device_of(reads[0]) if reads else None
         dst = self.device_of(writes[0])
-        src = self.cur_dev if src is None else src
-        dst = self.cur_dev if dst is None else dst
-        if src == dst:
+        if src is None or dst is None or src == dst:
             return None
         return self.current[src], self.current[dst]
 
@@ -597,12 +621,15 @@ class FakeCuda:
                     self.launch(op.fn, grid, args, op.kwargs, op.outs)
                 elif op.mode in ("view", "empty"):
                     continue
-                elif op.mode == "inplace":
-                    op.fn(*op.args, **op.kwargs)
                 else:
+                    # Writes to inputs happen in place; new outputs are copied
+                    # into the recorded ones (the graph's static memory).
                     res = op.fn(*op.args, **op.kwargs)
-                    for rec, new in zip(_pytree.tree_leaves(op.outs), _pytree.tree_leaves(res)):
-                        if isinstance(rec, torch.Tensor):
+                    for rec, new in zip(op.outs, _returns(res)):
+                        if isinstance(rec, list):
+                            for r, n in zip(rec, new):
+                                r.copy_(n)
+                        elif rec is not None:
                             rec.copy_(new)
 
 
@@ -610,11 +637,29 @@ class FakeCuda:
 _HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "unique",
                "_unique2", "unique_consecutive", "unique_dim", "allclose"}
 _EMPTY = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+# Ops that write arguments their schema does not mark as written: batch norm's
+# running statistics (argument positions).
+_UNANNOTATED_WRITES = {"native_batch_norm": (3, 4), "_batch_norm_with_update": (3, 4),
+                       "cudnn_batch_norm": (3, 4), "miopen_batch_norm": (3, 4)}
 # Factories that read only the shape, dtype and device of their tensor arguments.
 _META_ONLY = {"empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
               "randint_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full"}
 _HOST_METHODS = {"tolist", "item", "numpy", "__bool__", "__float__", "__int__", "__index__",
                  "__complex__", "__array__", "__format__", "__repr__", "__str__"}
+
+
+def _returns(out) -> list:
+    """An op's results as a list, one entry per schema return."""
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def fresh_outputs(rets, out, fresh) -> list:
+    """Per schema return: the recorded tensor to refresh at replay, or None."""
+    ids = {id(t) for t in fresh}
+    res = _returns(out)
+    if len(rets) == 1 and isinstance(out, list):             # foreach ops: one list return
+        return [out] if out and all(id(t) in ids for t in out) else [None]
+    return [t if isinstance(t, torch.Tensor) and id(t) in ids else None for t in res]
 
 
 def _tensors(obj):
@@ -652,12 +697,14 @@ class _Tracker(TorchDispatchMode):
         reads, writes = [], []
         rets = schema.returns
         view = any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
-        for arg, val in zip(schema.arguments, list(args) + [kwargs.get(a.name) for a in
-                                                              schema.arguments[len(args):]]):
-            if view and not (arg.alias_info is not None and arg.alias_info.is_write):
+        hidden = _UNANNOTATED_WRITES.get(name, ())
+        values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args):]]
+        for k, (arg, val) in enumerate(zip(schema.arguments, values)):
+            written = (arg.alias_info is not None and arg.alias_info.is_write) or k in hidden
+            if view and not written:
                 continue                  # a view reads no data
             for t in _tensors(val):
-                if arg.alias_info is not None and arg.alias_info.is_write:
+                if written:
                     writes.append(t)
                 elif name not in _META_ONLY:
                     reads.append(t)
@@ -680,12 +727,17 @@ class _Tracker(TorchDispatchMode):
                 rt._backup(cap, t)
         out = func(*args, **kwargs)
         mode = "view" if view else ("inplace" if writes else ("empty" if name in _EMPTY else "functional"))
-        if mode == "functional" or mode == "empty":
-            for t in _tensors(out):
-                rt._fresh(t, stream.index)
-                rt._touch(t, True, stream, seq, op)
+        # Outputs that alias no input are new allocations (also of ops that
+        # write an input, as batch norm writes its running statistics).
+        fresh = [] if view else [t for r, t in zip(rets, _returns(out))
+                                 if r.alias_info is None and isinstance(t, torch.Tensor)]
+        if not view and len(rets) == 1 and isinstance(out, (list, tuple)) and rets[0].alias_info is None:
+            fresh = _tensors(out)                 # a list of tensors (foreach ops)
+        for t in fresh:
+            rt._fresh(t, stream.index)
+            rt._touch(t, True, stream, seq, op)
         if cap is not None:
-            cap.graph.tape.append(_Op("op", func, args, kwargs, out, mode, op))
+            cap.graph.tape.append(_Op("op", func, args, kwargs, fresh_outputs(rets, out, fresh), mode, op))
         if name in _HOST_READS:
             rt.host_sync(stream)
         if cross:

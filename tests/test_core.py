@@ -330,8 +330,8 @@ def test_warm_start_from_plain_checkpoint():
 def test_parameters_and_grads_are_views_into_one_buffer():
     model = SmallNet()
     opt = SAMPa(model, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, backend="torch")
-    flat = opt._bufs[0]
-    assert len(opt._bufs) == 1
+    flat = opt.flat.primary.slabs[0]
+    assert len(opt.flat.primary.slabs) == 1
     for p in model.parameters():
         assert p.untyped_storage().data_ptr() == flat.x.untyped_storage().data_ptr()
         assert p.grad.untyped_storage().data_ptr() == flat.g.untyped_storage().data_ptr()
@@ -349,7 +349,7 @@ def test_one_buffer_per_dtype():
         h = torch.relu(m.bn(m.fc1(b[0])))
         return nn.functional.cross_entropy(m.fc2(h.double()) / m.temperature, b[1])
     opt = SAMPa(model, loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9, backend="torch")
-    assert sorted(str(b.slab.dtype) for b in opt._bufs) == ["torch.float32", "torch.float64"]
+    assert sorted(str(b.slab.dtype) for b in opt.flat.primary.slabs) == ["torch.float32", "torch.float64"]
     ref_model = copy.deepcopy(model)
     for b in make_batches(3):
         opt.step(b)
@@ -394,7 +394,11 @@ def test_add_param_group():
     model = SmallNet()
     model.fc2.weight.requires_grad_(False)
     ref_model = copy.deepcopy(model)
-    opt = SAMPa(model, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9, backend="torch")
+    # the trainable ones only: params=None would take the frozen one too (as
+    # torch.optim.SGD(model.parameters()) does), and a parameter is in one group
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = SAMPa(model, ce_loss, torch.optim.SGD, params=trainable, rho=0.1, lam=0.2, lr=0.1,
+                momentum=0.9, backend="torch")
     ref = RefSAMPa(ref_model, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9)
     batches = make_batches(6)
     for b in batches[:3]:
@@ -411,12 +415,13 @@ def test_add_param_group():
         ref.step(b)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, **TOL)
-    assert opt._steps == [6, 3]
+    steps = dict(zip(opt.flat.layout.names, opt.flat.counts))     # steps each state has taken
+    assert steps.pop("fc2.weight") == 3 and set(steps.values()) == {6}
 
 
 def test_auto_engine_and_backend_on_cpu():
     model = SmallNet()
     opt = SAMPa(model, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, engine="auto", backend="auto")
-    assert (opt.engine.name, opt.backend.name) == ("serial", "torch")
+    assert (opt.engine.name, opt.backend) == ("serial", "torch")
     opt = SAM(model, ce_loss, torch.optim.SGD, rho=0.1, lr=0.1, engine="auto")
     assert opt.engine.name == "serial"

@@ -1,5 +1,7 @@
 """Bad input gets a clear exception; a refused step leaves everything as it was."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -93,17 +95,24 @@ def test_bad_loss_is_refused_and_nothing_changes(cls, bad_loss, exc, match):
     assert_same(before, snapshot(model, opt))
     opt.loss_fn = good
     opt.step(batches[1])      # the next good step works
-    assert opt._t == 2
+    assert opt.step_count == 2
 
 
-def test_loss_fn_ignoring_its_model_argument_is_caught():
+def test_loss_fn_ignoring_its_model_argument_is_the_same_on_one_device():
+    # The y-pass runs on the user's own module (y swapped in), so a loss_fn
+    # that uses the global model computes what one using its argument does.
+    # (Engines that run the y-pass on a replica catch it on the first step:
+    # tests/test_peer_engine.py.)
     model = SmallNet()
+    twin = copy.deepcopy(model)
 
     def global_loss(m, b):       # uses the global model, not the one it is given
         return ce_loss(model, b)
     opt = SAMPa(model, global_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, backend="torch")
-    with pytest.raises(ValueError, match="model it is given"):
-        opt.step(make_batches(1)[0])
+    ref = SAMPa(twin, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, backend="torch")
+    for b in make_batches(3):
+        assert torch.equal(opt.step(b), ref.step(b))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
 def _nan_batch(batch):
@@ -135,7 +144,7 @@ def test_nonfinite_step_raises_and_leaves_everything(cls, kind):
     else:
         if cls is SAM:
             pytest.skip("SAM holds no batch")
-        opt._held = _nan_batch(opt._held)   # as if the held batch had been poisoned
+        opt.progress.held = _nan_batch(opt.held_batch)   # as if the held batch had been poisoned
         before = snapshot(model, opt)
         bad = batches[2]
     with pytest.raises(FloatingPointError, match="unchanged"):
@@ -157,7 +166,7 @@ def test_nonfinite_skip_mode_counts():
     assert opt.skipped_steps == 1
     assert_same(before, snapshot(model, opt), skipped=1)
     opt.step(batches[1])
-    assert opt.skipped_steps == 1 and opt._t == 2
+    assert opt.skipped_steps == 1 and opt.step_count == 2
 
 
 def test_bad_hyperparameter_edit_is_refused_at_step():

@@ -14,7 +14,8 @@ from sampa_fused import SAM, SAMPa
 from sampa_fused import _ext
 from sampa_fused.batching import MicroBatches
 from sampa_fused.engines import peer
-from sampa_fused.engines.peer import BucketExchange, _to_device, plan_buckets
+from sampa_fused.engines.buckets import BucketExchange, plan_buckets
+from sampa_fused.engines.peer import _to_device
 from sampa_fused.flat import build_slabs
 
 from fake_cuda import fake_cuda
@@ -68,7 +69,9 @@ def test_plan_buckets_cover_buffer_in_backward_order(bucket_elems):
     shapes = [tuple(int(v) for v in torch.randint(1, 40, (int(torch.randint(1, 3, (1,), generator=gen)),),
                                                   generator=gen)) for _ in range(23)]
     slab = _layout(shapes)
-    bounds, bucket_of = plan_buckets(slab.offsets, slab.numel, bucket_elems)
+    buckets = plan_buckets([slab], 4 * bucket_elems)            # fp32: 4 bytes an element
+    bounds = [(b.start, b.end) for b in buckets]
+    bucket_of = [next(j for j, b in enumerate(buckets) if i in b.params) for i in slab.index]
     # contiguous, no gaps, first bucket = end of the buffer
     assert bounds[0][1] == slab.numel and bounds[-1][0] == 0
     for (s0, e0), (s1, e1) in zip(bounds, bounds[1:]):
@@ -89,8 +92,8 @@ def test_plan_buckets_cover_buffer_in_backward_order(bucket_elems):
 
 
 def test_plan_buckets_rejects_zero():
-    with pytest.raises(ValueError, match="bucket_elems"):
-        plan_buckets([0], 4, 0)
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets([_layout([(4,)])], 0)
 
 
 class Side:
@@ -268,7 +271,7 @@ def simulated_cuda():
 
 def _replicas_equal(opt):
     (ra, rb) = opt.engine.replicas
-    for ba, bb in zip(ra, rb):
+    for ba, bb in zip(ra.slabs, rb.slabs):
         assert torch.equal(ba.x, bb.x) and torch.equal(ba.gy, bb.gy)
         assert ba.state.keys() == bb.state.keys()
         for n in ba.state:
@@ -290,7 +293,7 @@ def test_engine_follows_serial_with_simulated_cuda(simulated_cuda, base, kw, eng
     model_s = copy.deepcopy(model)
     o_p = SAMPa(model, ce, base, engine="peer", backend="torch", **engine_kw, **kw)
     o_s = SAMPa(model_s, ce, base, engine="serial", backend="torch", **kw)
-    assert o_p.engine.ymodel is not o_p._ymodel and len(o_p._replicas) == 2
+    assert o_p.engine.ymodel.module is not o_p.model and len(o_p.engine.replicas) == 2
     for batch in batches(6, "cpu", alternate=model_kw.get("unused", False)):
         torch.testing.assert_close(o_p.step(batch), o_s.step(batch), rtol=1e-6, atol=1e-7)
         _replicas_equal(o_p)
@@ -306,8 +309,8 @@ def test_engine_follows_serial_with_simulated_cuda(simulated_cuda, base, kw, eng
         assert len(ab.copies) == len(ba.copies) == 6
     # the y-model on B computes with B's y buffer; A's private y-model is not used
     (ra, rb) = o_p.engine.replicas
-    yp = next(o_p.engine.ymodel.parameters())
-    assert any(yp.data_ptr() == b.y.data_ptr() for b in rb)
+    yp = next(o_p.engine.ymodel.module.parameters())
+    assert any(yp.data_ptr() == b.y.data_ptr() for b in rb.slabs)
 
 
 def test_engine_add_param_group_and_sync_with_simulated_cuda(simulated_cuda):
@@ -316,14 +319,16 @@ def test_engine_add_param_group_and_sync_with_simulated_cuda(simulated_cuda):
     model.fc3.requires_grad_(False)
     model_s = copy.deepcopy(model)
     kw = dict(rho=0.05, lam=0.3, lr=0.05, momentum=0.9, backend="torch")
-    o_p = SAMPa(model, ce, torch.optim.SGD, engine="peer", bucket_bytes=100, **kw)
-    o_s = SAMPa(model_s, ce, torch.optim.SGD, engine="serial", **kw)
+    o_p = SAMPa(model, ce, torch.optim.SGD, engine="peer", bucket_bytes=100, **kw,
+                params=[p for p in model.parameters() if p.requires_grad])
+    o_s = SAMPa(model_s, ce, torch.optim.SGD, engine="serial", **kw,
+                params=[p for p in model_s.parameters() if p.requires_grad])
     for i, batch in enumerate(batches(6, "cpu")):
         if i == 2:
             for m, o in ((model, o_p), (model_s, o_s)):
                 m.fc3.requires_grad_(True)
                 o.add_param_group({"params": list(m.fc3.parameters()), "lr": 0.02})
-            assert o_p._replicas[0] is o_p._bufs
+            assert o_p.engine.replicas[0] is o_p.flat.primary
         torch.testing.assert_close(o_p.step(batch), o_s.step(batch), rtol=1e-6, atol=1e-7)
         _replicas_equal(o_p)
     for p, q in zip(model.parameters(), model_s.parameters()):
@@ -460,26 +465,25 @@ def test_replicas_bit_identical_after_200_steps(pair):
         o_p.step(data[i % len(data)])
     torch.cuda.synchronize()
     (ra, rb) = o_p.engine.replicas
-    for ba, bb in zip(ra, rb):
+    for ba, bb in zip(ra.slabs, rb.slabs):
         assert torch.equal(ba.x.cpu(), bb.x.cpu())
         assert torch.equal(ba.gy.cpu(), bb.gy.cpu())
         for n in ba.state:
             assert torch.equal(ba.state[n].cpu(), bb.state[n].cpu()), n
-    assert torch.equal(o_p._gy_sqs[0].cpu(), o_p._gy_sqs[1].cpu())
+    assert torch.equal(ra.gy_sq.cpu(), rb.gy_sq.cpu())
 
 
 def _capture_first_post(opt):
     """g and gy_new of every replica as the first post-gradient update sees them."""
     seen = []
-    backend = opt._backends[0]
-    real_post = backend.sampa_post
+    real_post = opt.update.sampa_post
 
-    def spy(*args):
+    def spy(replicas, *args):
         if not seen:
             torch.cuda.synchronize()
-            seen.extend([[(b.g.cpu(), b.gy_new.cpu()) for b in bufs] for bufs in opt._replicas])
-        return real_post(*args)
-    backend.sampa_post = spy
+            seen.extend([[(b.g.cpu(), b.gy_new.cpu()) for b in rep.slabs] for rep in replicas])
+        return real_post(replicas, *args)
+    opt.update.sampa_post = spy
     return seen
 
 
@@ -511,8 +515,10 @@ def test_accumulation_and_add_param_group_follow_serial(pair):
     model.fc3.requires_grad_(False)
     model_s = copy.deepcopy(model)
     kw = dict(SGD_KW, accumulation_steps=2)
-    o_p = SAMPa(model, ce, torch.optim.SGD, engine="peer", devices=pair, bucket_bytes=512, **kw)
-    o_s = SAMPa(model_s, ce, torch.optim.SGD, engine="serial", **kw)
+    o_p = SAMPa(model, ce, torch.optim.SGD, engine="peer", devices=pair, bucket_bytes=512, **kw,
+                params=[p for p in model.parameters() if p.requires_grad])
+    o_s = SAMPa(model_s, ce, torch.optim.SGD, engine="serial", **kw,
+                params=[p for p in model_s.parameters() if p.requires_grad])
     data = batches(8, pair[0])
     for i, batch in enumerate(data):
         if i == 3:
@@ -545,4 +551,4 @@ def test_sync_replicas_after_loading_parameters():
             p.mul_(0.5)
     o_p.engine.sync_replicas()
     (ra, rb) = o_p.engine.replicas
-    assert all(torch.equal(x.x.cpu(), y.x.cpu()) for x, y in zip(ra, rb))
+    assert all(torch.equal(x.x.cpu(), y.x.cpu()) for x, y in zip(ra.slabs, rb.slabs))

@@ -1,9 +1,10 @@
 """engine="streams": two CUDA streams, and the whole step as a CUDA graph.
 
-On CPU: the refusal, the option checks, the device-hyperparameter math against
-the host rules, and the whole step with device-resident hyperparameters run
-eagerly (the code a graph captures) against the serial engine. The streams
-themselves and the capture are checked on a GPU (skipped without CUDA).
+On CPU, under the stand-in CUDA (tests/fake_cuda.py): the refusals and
+options, the device table's values, and graph mode's capture, replays,
+static buffers, fallbacks and recaptures against the serial engine (the
+capture records the optimizer's own step; a replay re-runs the recording).
+The real streams and graphs are checked on a GPU (skipped without CUDA).
 """
 import collections
 import copy
@@ -13,15 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reference import assert_same, snapshot
-from sampa_fused import SAM, SAMPa
+from fake_cuda import fake_cuda
+from reference import SmallNet, assert_same, ce_loss, make_batches, snapshot
+from sampa_fused import SAM, SAMPa, tree
 from sampa_fused.batching import MicroBatches
-from sampa_fused.engines.serial import SerialEngine
-from sampa_fused.engines.streams import (ROW, SLOTS, DeviceHyper, WholeStep, _Captured, adamw_update,
-                                         flatten_batch, host_row, rebuild_batch, same_structure,
-                                         sgd_update)
-from sampa_fused.rules import AdamWRule, SGDRule
-from reference import SmallNet, ce_loss, make_batches
+from sampa_fused.update import adamw, sgd
+from sampa_fused.update.table import LAM, OML, RHO, ROW, HyperTable
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -45,78 +43,47 @@ def test_bad_engine_options(kw, exc, match):
         SAMPa(SmallNet(), ce_loss, torch.optim.SGD, lr=0.1, engine="streams", **kw)
 
 
-def _rand_state(names, n, gen):
-    st = {k: torch.randn(n, generator=gen) for k in names}
-    for k in ("exp_avg_sq", "max_exp_avg_sq"):
-        if k in st:
-            st[k] = st[k].abs()
-    return st
+def test_graph_needs_sgd_or_adamw_and_no_grad_scaler():
+    with fake_cuda():
+        with pytest.raises(ValueError, match="torch.optim.SGD or torch.optim.AdamW"):
+            SAMPa(SmallNet(), ce_loss, torch.optim.Adam, lr=1e-3, rho=0.1, lam=0.2, engine="streams",
+                  graph=True)
+        with pytest.raises(ValueError, match="GradScaler"):
+            SAMPa(SmallNet(), ce_loss, torch.optim.SGD, lr=1e-3, rho=0.1, lam=0.2, engine="streams",
+                  graph=True, grad_scaler=torch.amp.GradScaler("cpu"))
 
 
-def _device_scalars(rule, hp, step, lam=0.3):
-    row, flags = host_row(rule.name, hp, 0.07, lam, step)
-    table = DeviceHyper(torch.device("cpu"))
-    table.upload([row])
-    return table.group(0), flags
-
-
-SGD_CASES = [dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=5e-4),
-             dict(lr=0.03, momentum=0.8, dampening=0.0, nesterov=True, weight_decay=0.0),
-             dict(lr=0.2, momentum=0.5, dampening=0.25, nesterov=False, weight_decay=1e-3, maximize=True),
-             dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=1e-2)]
-ADAMW_CASES = [dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False),
-               dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.0, amsgrad=True),
-               dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=True)]
-
-
-@pytest.mark.parametrize("step", [0, 5])
-@pytest.mark.parametrize("rule,group", [(SGDRule, g) for g in SGD_CASES] + [(AdamWRule, g) for g in ADAMW_CASES])
-def test_device_scalar_update_matches_host_rule(rule, group, step):
-    gen = torch.Generator().manual_seed(3 + step)
-    n = 4099                                     # not a multiple of any block size
-    hp = rule.hyper(dict(group, maximize=group.get("maximize", False)))
-    x, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    st = _rand_state(rule.state_names(hp), n, gen)
-    st_copy = {k: v.clone() for k, v in st.items()}
-    want_x, want_st = rule.update(x, g, st, hp, step)
-    h, flags = _device_scalars(rule, hp, step)
-    update = sgd_update if rule is SGDRule else adamw_update
-    got_x, got_st = update(x, g, st, h, flags)
-    torch.testing.assert_close(got_x, want_x, rtol=1e-6, atol=1e-7)
-    assert got_st.keys() == want_st.keys()
-    for k in want_st:
-        torch.testing.assert_close(got_st[k], want_st[k], rtol=1e-6, atol=1e-7)
-    for k in st:                                 # out of place: the peek must not write the state
-        assert torch.equal(st[k], st_copy[k])
-
-
-def test_host_row_values():
-    hp = AdamWRule.hyper(dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=False))
-    row, flags = host_row("adamw", hp, 0.05, 0.25, 4)       # 4 steps taken: bias corrections use t=5
-    table = DeviceHyper(torch.device("cpu"))
-    table.upload([row])
-    h = table.group(0)
-    assert h["neg_step_size"].item() == pytest.approx(-0.01 / (1 - 0.9 ** 5), rel=1e-6)
-    assert h["bc2"].item() == pytest.approx((1 - 0.99 ** 5) ** 0.5, rel=1e-6)
-    assert h["omlw"].item() == pytest.approx(1 - 0.01 * 0.1, rel=1e-7)
-    assert (h["rho"].item(), h["lam"].item(), h["oml"].item()) == pytest.approx((0.05, 0.25, 0.75))
-    assert flags == ("adamw", False, False, True)
-    sgd = SGDRule.hyper(dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True, weight_decay=0.0))
-    assert host_row("sgd", sgd, 0.1, None, 0)[0][SLOTS["first"]] == 1.0
-    assert host_row("sgd", sgd, 0.1, None, 1)[0][SLOTS["first"]] == 0.0
-    assert host_row("sgd", sgd, 0.1, None, 3)[1] == ("sgd", True, True, False, False)
+def test_table_rows_hold_the_host_expressions():
+    """Each row holds what torch computes on the host in double (then fp32)."""
+    hp = adamw.hyper(dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=False), "g")
+    row = adamw.row(hp, 4)                  # 4 steps taken: bias corrections use t=5
+    table = HyperTable(torch.device("cpu"), torch.float32, pin=False)
+    values = [0.0] * ROW
+    values[RHO], values[LAM], values[OML] = 0.05, 0.25, 0.75
+    for k, v in row.items():
+        values[k] = v
+    table.upload([values])
+    h = table.row(0)
+    assert h[adamw.STEP_SIZE].item() == pytest.approx(-(-0.01 / (1 - 0.9 ** 5)), rel=1e-6)
+    assert h[adamw.BC2].item() == pytest.approx((1 - 0.99 ** 5) ** 0.5, rel=1e-6)
+    assert h[adamw.DECAY].item() == pytest.approx(1 - 0.01 * 0.1, rel=1e-7)
+    assert (h[RHO].item(), h[LAM].item(), h[OML].item()) == pytest.approx((0.05, 0.25, 0.75))
+    assert adamw.flags(hp) == (False, False, True, True)
+    s = sgd.hyper(dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True, weight_decay=0.0), "g")
+    assert sgd.row(s, 0)[sgd.FIRST] == 1.0 and sgd.row(s, 1)[sgd.FIRST] == 0.0
+    assert sgd.flags(s) == (True, True, False, False)
 
 
 def test_device_table_is_refreshed_in_place():
-    table = DeviceHyper(torch.device("cpu"))
+    table = HyperTable(torch.device("cpu"), torch.float32, pin=False)
     rows = [[1.0] * ROW, [2.0] * ROW]
     table.upload(rows)
-    t, view, version = table.table, table.group(1)["rho"], table.version
+    t, view, version = table.tensor, table.row(1)[RHO], table.version
     rows[1][0] = 7.5
     table.upload(rows)
     # Same storage (a captured graph reads it by address), new value.
-    assert table.table is t and table.version == version and view.item() == 7.5
-    table.upload(rows[:1])                       # fewer groups: a new table, a new version
+    assert table.tensor is t and table.version == version and view.item() == 7.5
+    table.upload(rows[:1])                       # fewer rows: a new table, a new version
     assert table.version == version + 1
 
 
@@ -124,67 +91,58 @@ def test_batch_structure_roundtrip_and_equality():
     Pair = collections.namedtuple("Pair", "x y")
     batch = {"a": Pair(torch.randn(3, 2), torch.arange(3)), "b": [torch.ones(2), 0.5, "tag"],
              "c": MicroBatches([torch.zeros(1)])}
-    leaves = []
-    spec = flatten_batch(batch, leaves)
+    leaves = tree.tensors(batch)
     assert len(leaves) == 4
     new = [t.clone() + 1 for t in leaves]
-    rebuilt = rebuild_batch(spec, new)
+    rebuilt = tree.rebuild(batch, new)
     assert isinstance(rebuilt["a"], Pair) and isinstance(rebuilt["c"], MicroBatches)
     assert rebuilt["b"][1:] == [0.5, "tag"] and rebuilt["a"].x is new[0]
-    same = flatten_batch({"a": Pair(torch.zeros(3, 2), torch.arange(3)), "b": [torch.ones(2), 0.5, "tag"],
-                          "c": MicroBatches([torch.ones(1)])}, [])
-    assert same_structure(spec, same)
+    spec = tree.structure(batch)
+    same = tree.structure({"a": Pair(torch.zeros(3, 2), torch.arange(3)), "b": [torch.ones(2), 0.5, "tag"],
+                           "c": MicroBatches([torch.ones(1)])})
+    assert spec == same
     for other in ({"a": Pair(torch.zeros(4, 2), torch.arange(4)), "b": [torch.ones(2), 0.5, "tag"],
                    "c": MicroBatches([torch.ones(1)])},                                  # shape
                   {"a": Pair(torch.zeros(3, 2), torch.arange(3)), "b": [torch.ones(2), 0.25, "tag"],
                    "c": MicroBatches([torch.ones(1)])},                                  # a value
                   {"a": Pair(torch.zeros(3, 2).double(), torch.arange(3)), "b": [torch.ones(2), 0.5, "tag"],
                    "c": MicroBatches([torch.ones(1)])}):                                 # a dtype
-        assert not same_structure(spec, flatten_batch(other, []))
+        assert spec != tree.structure(other)
     import numpy as np
-    arr = flatten_batch((torch.ones(1), np.arange(3)), [])
-    assert not same_structure(arr, flatten_batch((torch.ones(1), np.arange(3)), []))
+    arr = tree.structure((torch.ones(1), np.arange(3)))
+    assert arr != tree.structure((torch.ones(1), np.arange(3)))     # no plain ==: never the same
 
 
-# The whole step with device hyperparameters, run eagerly on CPU, against the
-# serial engine: the same code that graph=True captures.
-def _pair(cls, model, base, groups=None, **kw):
-    args = dict(rho=0.1, backend="torch", engine="serial")
+# The graph mode on CPU, under the stand-in CUDA: against the serial engine.
+def _pair(cls, base, graph_kw, groups=None, model=None, **kw):
+    args = dict(rho=0.1, backend="torch")
     if cls is SAMPa:
         args["lam"] = 0.3
     args.update(kw)
+    model = model or SmallNet()
     ref_model = copy.deepcopy(model)
-    if groups is not None:
-        ref = cls(ref_model, ce_loss, base, params=groups(ref_model), **args)
-        opt = cls(model, ce_loss, base, params=groups(model), **args)
-    else:
-        ref = cls(ref_model, ce_loss, base, **args)
-        opt = cls(model, ce_loss, base, **args)
-    eng = SerialEngine(opt)
-    whole = WholeStep(opt, torch.device("cpu"), eng.sampa_gradients if cls is SAMPa else None,
-                      eng.gradient)
-    return ref_model, ref, opt, whole
+    ref = cls(ref_model, ce_loss, base, engine="serial",
+              **(dict(params=groups(ref_model)) if groups else {}), **args)
+    opt = cls(model, ce_loss, base, engine="streams", graph=True,
+              **(dict(params=groups(model)) if groups else {}), **graph_kw, **args)
+    return ref_model, ref, model, opt
 
 
-def _assert_models_close(a, b, rtol=1e-5, atol=1e-6):
+def _assert_same_models(a, b):
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        if p.is_floating_point():
-            torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=n)
-        else:
-            assert torch.equal(p, q), n
+        assert torch.equal(p, q), n
 
 
-def _assert_state_close(ref, opt):
+def _assert_same_state(ref, opt):
     sa, sb = ref.state_dict(), opt.state_dict()
     for k in sa["state"]:
         for name, v in sa["state"][k].items():
-            torch.testing.assert_close(v, sb["state"][k][name], rtol=1e-5, atol=1e-6)
+            assert torch.equal(v, sb["state"][k][name]), (k, name)
     ea, eb = sa["sampa_fused"], sb["sampa_fused"]
-    assert (ea["t"], ea["steps"]) == (eb["t"], eb["steps"])
+    assert (ea["t"], ea["counts"]) == (eb["t"], eb["counts"])
     if "gy" in ea:
-        for u, v in zip(ea["gy"], eb["gy"]):
-            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ea["gy_sq"], eb["gy_sq"], rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(u, v) for u, v in zip(ea["gy"], eb["gy"]))
+        assert torch.equal(ea["gy_sq"], eb["gy_sq"])
 
 
 def _edit(opts, i):
@@ -210,43 +168,43 @@ CONFIGS = {
 
 @pytest.mark.parametrize("cls", [SAMPa, SAM])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_whole_step_matches_serial(cls, config):
+def test_graph_step_matches_serial(cls, config):
     base, kw, two_groups = CONFIGS[config]
-    model = SmallNet()
     groups = None
     if two_groups:
         def groups(m):
             return [{"params": [m.fc1.weight, m.bn.weight, m.bn.bias]},
                     {"params": [m.fc2.weight, m.fc2.bias, m.temperature], "lr": kw["lr"] * 2}]
-    ref_model, ref, opt, whole = _pair(cls, model, base, groups, **kw)
-    batches = make_batches(14)
-    for i, b in enumerate(batches):
-        _edit((ref, opt), i)
-        want = ref.step(b)
-        got = whole.step(b)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    _assert_models_close(ref_model, model)
-    _assert_state_close(ref, opt)
-    if cls is SAMPa:
-        assert opt._held is batches[-1]
+    with fake_cuda():
+        ref_model, ref, model, opt = _pair(cls, base, dict(warmup_steps=2), groups, **kw)
+        batches = make_batches(14)
+        for i, b in enumerate(batches):
+            _edit((ref, opt), i)
+            assert torch.equal(opt.step(b), ref.step(b)), i
+        _assert_same_models(ref_model, model)
+        _assert_same_state(ref, opt)
+        assert opt.engine.graph.captures == 2      # and again after the structural change at step 10
+        assert opt.engine.graph.replays > 6
+        if cls is SAMPa:
+            assert all(torch.equal(a, b) for a, b in zip(opt.held_batch, batches[-1]))
 
 
-def test_whole_step_clip_and_state_dict_resume():
-    model = SmallNet()
-    ref_model, ref, opt, whole = _pair(SAMPa, model, torch.optim.SGD, lr=0.1, momentum=0.9,
-                                       max_grad_norm=0.05)
-    batches = make_batches(8)
-    for b in batches[:4]:
-        ref.step(b)
-        whole.step(b)
-    _assert_models_close(ref_model, model)
-    # A checkpoint of the reference continues identically through the whole step.
-    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
-    model.load_state_dict(ref_model.state_dict())
-    for b in batches[4:]:
-        torch.testing.assert_close(whole.step(b), ref.step(b), rtol=1e-5, atol=1e-6)
-    _assert_models_close(ref_model, model)
-    _assert_state_close(ref, opt)
+def test_graph_clip_and_state_dict_resume():
+    with fake_cuda():
+        ref_model, ref, model, opt = _pair(SAMPa, torch.optim.SGD, dict(warmup_steps=2), lr=0.1,
+                                           momentum=0.9, max_grad_norm=0.05)
+        batches = make_batches(10)
+        for b in batches[:5]:
+            assert torch.equal(opt.step(b), ref.step(b))
+        _assert_same_models(ref_model, model)
+        # A checkpoint of the reference continues identically through the graph.
+        opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+        model.load_state_dict(ref_model.state_dict())
+        for b in batches[5:]:
+            assert torch.equal(opt.step(b), ref.step(b))
+        _assert_same_models(ref_model, model)
+        _assert_same_state(ref, opt)
+        assert opt.engine.graph.replays > 0
 
 
 def _nan(batch):
@@ -257,179 +215,131 @@ def _nan(batch):
 
 
 @pytest.mark.parametrize("cls", [SAMPa, SAM])
-def test_whole_step_refuses_nonfinite_and_leaves_everything(cls):
-    model = SmallNet()
-    _, _, opt, whole = _pair(cls, model, torch.optim.AdamW, lr=1e-2)
-    batches = make_batches(5)
-    whole.step(batches[0])
-    whole.step(batches[1])
-    before = snapshot(model, opt)
-    with pytest.raises(FloatingPointError, match="non-finite loss .* unchanged"):
-        whole.step(_nan(batches[2]))
-    assert_same(before, snapshot(model, opt))
-    whole.step(batches[2])
-    assert opt._t == 3 and torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+def test_graph_refuses_nonfinite_inside_the_graph_and_leaves_everything(cls):
+    with fake_cuda():
+        _, _, model, opt = _pair(cls, torch.optim.AdamW, dict(warmup_steps=1), lr=1e-2)
+        batches = make_batches(6)
+        for b in batches[:4]:
+            opt.step(b)
+        replays = opt.engine.graph.replays
+        assert replays > 0
+        before = snapshot(model, opt)
+        with pytest.raises(FloatingPointError, match="non-finite loss .* unchanged"):
+            opt.step(_nan(batches[4]))
+        assert opt.engine.graph.replays == replays + 1          # refused by the replayed graph
+        assert_same(before, snapshot(model, opt))
+        opt.step(batches[4])
+        assert opt.step_count == 5 and torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
 
 
-def test_whole_step_skip_mode_matches_serial_skip_mode():
-    model = SmallNet()
-    ref_model, ref, opt, whole = _pair(SAMPa, model, torch.optim.SGD, lr=0.1, momentum=0.9,
-                                       nonfinite="skip")
-    batches = make_batches(6)
-    seq = [batches[0], batches[1], _nan(batches[2]), batches[3], batches[4]]
-    for b in seq:
-        torch.testing.assert_close(whole.step(b), ref.step(b), rtol=1e-5, atol=1e-6, equal_nan=True)
-    assert opt.skipped_steps == ref.skipped_steps == 1 and opt._t == ref._t == 4
-    _assert_models_close(ref_model, model)
-    _assert_state_close(ref, opt)
+def test_graph_skip_mode_matches_serial_skip_mode():
+    with fake_cuda():
+        ref_model, ref, model, opt = _pair(SAMPa, torch.optim.SGD, dict(warmup_steps=1), lr=0.1,
+                                           momentum=0.9, nonfinite="skip")
+        batches = make_batches(8)
+        seq = batches[:4] + [_nan(batches[4])] + batches[5:]
+        for b in seq:
+            torch.testing.assert_close(opt.step(b), ref.step(b), rtol=0, atol=0, equal_nan=True)
+        assert opt.skipped_steps == ref.skipped_steps == 1 and opt.step_count == ref.step_count == 7
+        _assert_same_models(ref_model, model)
+        _assert_same_state(ref, opt)
 
 
-def test_whole_step_rolls_back_when_a_pass_raises():
-    model = SmallNet()
-    _, _, opt, whole = _pair(SAMPa, model, torch.optim.SGD, lr=0.1, momentum=0.9)
-    batches = make_batches(3)
-    whole.step(batches[0])
-    before = snapshot(model, opt)
-    opt.loss_fn = lambda m, b: (_ for _ in ()).throw(KeyError("boom"))
-    with pytest.raises(KeyError, match="boom"):
-        whole.step(batches[1])
-    assert_same(before, snapshot(model, opt))
+def test_graph_rolls_back_when_a_pass_raises():
+    with fake_cuda():
+        _, _, model, opt = _pair(SAMPa, torch.optim.SGD, dict(warmup_steps=1), lr=0.1, momentum=0.9)
+        batches = make_batches(3)
+        opt.step(batches[0])
+        before = snapshot(model, opt)
+        good = opt.loss_fn
+        opt.loss_fn = lambda m, b: (_ for _ in ()).throw(KeyError("boom"))
+        with pytest.raises(KeyError, match="boom"):
+            opt.step(batches[1])
+        assert_same(before, snapshot(model, opt))
+        opt.loss_fn = good
 
 
-def test_graph_needs_sgd_or_adamw_and_no_grad_scaler():
-    model = SmallNet()
-    opt = SAMPa(model, ce_loss, torch.optim.Adam, lr=1e-3, rho=0.1, lam=0.2)
-    with pytest.raises(ValueError, match="torch.optim.SGD or torch.optim.AdamW"):
-        WholeStep(opt, torch.device("cpu"), None, None, graph=True)
-    opt = SAMPa(model, ce_loss, torch.optim.SGD, lr=1e-3, rho=0.1, lam=0.2)
-    opt.grad_scaler = object()                   # as an enabled GradScaler would be kept
-    with pytest.raises(ValueError, match="GradScaler"):
-        WholeStep(opt, torch.device("cpu"), None, None, graph=True)
+def test_graph_schedule_warmup_fallbacks_and_recapture():
+    """When graph=True captures, replays and falls back to eager steps."""
+    with fake_cuda():
+        ref_model, ref, model, opt = _pair(SAMPa, torch.optim.SGD, dict(warmup_steps=2), lr=0.1,
+                                           momentum=0.9)
+        graph = opt.engine.graph
+        log = []
+        full = make_batches(12, batch=9)
+        short = make_batches(1, batch=4, seed=7)[0]
+        seq = full[:5] + [short] + full[5:8]
+        for i, b in enumerate(seq):
+            if i == 7:
+                ref.param_groups[0]["nesterov"] = opt.param_groups[0]["nesterov"] = True
+            c, r = graph.captures, graph.replays
+            assert torch.equal(opt.step(b), ref.step(b))
+            log.append("capture" if graph.captures > c else "replay" if graph.replays > r else "eager")
+        assert log == ["eager", "eager", "capture", "replay", "replay",   # warm-up 2, the graph
+                       "eager",            # a short batch: another structure
+                       "eager",            # held short, new full: another structure
+                       "eager",            # nesterov switched on: a structural change
+                       "eager"]            # the new structure's second warm-up step
+        _assert_same_models(ref_model, model)
 
 
-def test_capture_schedule():
-    """When graph=True captures, replays and falls back to eager steps (the
-    capture itself is faked: CPU here; the real one is tested on a GPU)."""
-    model = SmallNet()
-    ref_model, ref, opt, whole = _pair(SAMPa, model, torch.optim.SGD, lr=0.1, momentum=0.9)
-    whole.graph, whole.warmup_steps = True, 2
-    log = []
-
-    def fake_capture(key, held, batch):
-        log.append("capture")
-        return _Captured(key, opt._bufs, None, [], [], None, None, True)
-
-    def fake_replay(cap, held, batch):
-        log.append("replay")
-        return eager(held, batch)
-
-    eager = whole._eager
-    whole._capture, whole._replay = fake_capture, fake_replay
-
-    def logged_eager(held, batch):
-        log.append("eager")
-        return eager(held, batch)
-
-    whole._eager = logged_eager
-    full = make_batches(12, batch=9)
-    short = make_batches(1, batch=4, seed=7)[0]
-    seq = full[:5] + [short] + full[5:8]
-    for i, b in enumerate(seq):
-        if i == 7:
-            ref.param_groups[0]["nesterov"] = opt.param_groups[0]["nesterov"] = True
-        ref.step(b)
-        whole.step(b)
-    assert log == ["eager", "eager", "capture", "replay", "replay", "replay",  # warm-up 2, the graph
-                   "eager",            # a short batch: another structure
-                   "eager",            # held short, new full: another structure
-                   "eager",            # nesterov switched on: a structural change
-                   "eager"]            # the new structure's second warm-up step
-    _assert_models_close(ref_model, model)
+def test_graph_alternating_shapes_do_not_recapture_and_edits_take_effect():
+    with fake_cuda():
+        ref_model, ref, model, opt = _pair(SAMPa, torch.optim.SGD, dict(warmup_steps=2), lr=0.05,
+                                           momentum=0.9, weight_decay=1e-3)
+        full = make_batches(14, batch=9)
+        short = make_batches(2, batch=4, seed=7)
+        seq = full[:5] + [short[0], full[5], short[1], full[6]] + full[7:12]
+        for i, b in enumerate(seq):
+            if i == 10:
+                for o in (ref, opt):
+                    o.param_groups[0]["lr"] = 0.02
+                    o.param_groups[0]["rho"] = 0.2
+            assert torch.equal(opt.step(b), ref.step(b)), i
+        _assert_same_models(ref_model, model)
+        _assert_same_state(ref, opt)
+        assert opt.engine.graph.captures == 1
+        # eager: step 0, the two warm-up steps and the short batches and the
+        # full batch after each (whose held batch is short); the rest replays
+        assert opt.engine.graph.replays == len(seq) - 6
 
 
-class _RerunGraph:
-    """Stands in for a CUDA graph on CPU: capturing records the step's body
-    without running it; a replay runs it on the static buffers and writes the
-    static outputs, as a replayed graph does."""
-
-    def __init__(self, body):
-        self.body = body
-        self.loss, self.flags = torch.full((), float("nan")), torch.zeros(2, dtype=torch.bool)
-
-    def replay(self):
-        loss, flags = self.body()
-        self.loss.copy_(loss)
-        self.flags.copy_(flags)
-
-
-def _record(body):
-    g = _RerunGraph(body)
-    return g, (g.loss, g.flags)
-
-
-@pytest.mark.parametrize("cls", [SAMPa, SAM])
-def test_graph_mode_static_buffers_match_serial(cls):
-    """graph=True's host logic end to end on CPU (static batch buffers, the held
-    batch carried by the graph, warm-up, fallbacks, refusals, edits), with the
-    capture replaced by a recorder that re-runs the captured body."""
-    model = SmallNet()
-    ref_model, ref, opt, whole = _pair(cls, model, torch.optim.SGD, lr=0.05, momentum=0.9,
-                                       weight_decay=1e-3)
-    whole.graph, whole.warmup_steps, whole._record = True, 2, _record
-    full = make_batches(14, batch=9)
-    short = make_batches(2, batch=4, seed=7)
-    seq = (full[:5] + [short[0], full[5], short[1], full[6]]      # alternating shapes: no recapture
-           + [full[7], full[8], "nan", full[9], full[10], full[11]])
-    replays_before = None
-    for i, b in enumerate(seq):
-        if b == "nan":
-            replays_before = whole.replays
-            snap = snapshot(model, opt)
-            with pytest.raises(FloatingPointError, match="unchanged"):
-                whole.step(_nan(full[9]))
-            assert_same(snap, snapshot(model, opt))
-            assert whole.replays == replays_before + 1             # refused inside the graph
-            continue
-        if i == 10:
-            for o in (ref, opt):
-                o.param_groups[0]["lr"] = 0.02
-                o.param_groups[0]["rho"] = 0.2
-        torch.testing.assert_close(whole.step(b), ref.step(b), rtol=1e-5, atol=1e-6)
-    _assert_models_close(ref_model, model)
-    _assert_state_close(ref, opt)
-    assert whole.captures == 1
-    # eager: the two warm-up steps and the short batches (SAMPa: also the full
-    # batch after each, whose held batch is short); the rest replays
-    assert whole.replays == len(seq) - (6 if cls is SAMPa else 4)
+def test_captured_step_launches_the_eager_steps_kernels():
+    """Graph mode captures the optimizer's own fused step: the Triton kernels
+    of a replay are those of an eager step, in the same order."""
+    pytest.importorskip("triton")
+    with fake_cuda() as rt:
+        model = SmallNet()
+        opt = SAMPa(model, ce_loss, torch.optim.SGD, rho=0.1, lam=0.3, lr=0.05, momentum=0.9,
+                    backend="triton", engine="streams", graph=True, warmup_steps=2)
+        batches = make_batches(4)
+        opt.step(batches[0])
+        n = len(rt.launches)
+        opt.step(batches[1])                       # an eager warm-up step
+        eager = [name for name, _, _ in rt.launches[n:]]
+        opt.step(batches[2])                       # captured, then replayed
+        assert opt.engine.graph.captures == 1
+        captured = rt.graphs[-1].kernels()
+        assert captured == eager and {"sgd_pre_kernel", "sgd_post_kernel", "check_partials_kernel",
+                                      "check_final_kernel"} <= set(eager)
 
 
-def test_graph_mode_recaptures_for_a_lasting_change_only():
-    model = SmallNet()
-    ref_model, ref, opt, whole = _pair(SAMPa, model, torch.optim.SGD, lr=0.05, momentum=0.9)
-    whole.graph, whole.warmup_steps, whole._record = True, 1, _record
-    batches = make_batches(9)
-    for i, b in enumerate(batches):
-        if i == 4:
-            for o in (ref, opt):
-                o.param_groups[0]["nesterov"] = True            # structural: the graph changes
-        torch.testing.assert_close(whole.step(b), ref.step(b), rtol=1e-5, atol=1e-6)
-    assert whole.captures == 2
-    _assert_models_close(ref_model, model)
-
-
-def test_optimizer_hands_whole_step_to_engine():
-    """SAMPa.step / SAM.step must give the whole step to an engine that takes
-    it (engine.whole_step is not None): graph=True relies on it."""
+def test_optimizer_hands_its_step_to_the_engine():
+    """SAMPa.step / SAM.step run their device work through engine.run_step:
+    graph mode relies on it."""
     for cls in (SAMPa, SAM):
         model = SmallNet()
         opt = cls(model, ce_loss, torch.optim.SGD, lr=0.1)
-        marker = torch.tensor(42.0)
         seen = []
-        opt.engine.whole_step = lambda batch: seen.append(batch) or marker
+        real = opt.engine.run_step
+
+        def run_step(step, held, batch, structure):
+            seen.append(batch)
+            return real(step, held, batch, structure)
+        opt.engine.run_step = run_step
         batch = make_batches(1)[0]
-        assert opt.step(batch) is marker and seen == [batch], (
-            f"{cls.__name__}.step must start with `if getattr(self.engine, 'whole_step', None) is not "
-            "None: return self.engine.whole_step(batch)`")
+        opt.step(batch)
+        assert seen == [batch]
 
 
 # --------------------------------------------------------------------- GPU
@@ -498,7 +408,7 @@ def test_streams_trajectory_matches_serial(cls, base, kw, graph, deterministic):
         torch.testing.assert_close(opt.step(b), ref.step(b), rtol=1e-4, atol=1e-5)
     _assert_models_close(ref_model, model, rtol=1e-4, atol=1e-5)
     if graph:
-        assert opt.engine._whole.captures == 1 and opt.engine._whole.replays == 50 - 3
+        assert opt.engine.graph.captures == 1 and opt.engine.graph.replays == 50 - 3
 
 
 @cuda
@@ -509,7 +419,7 @@ def test_graph_reads_hyperparameters_from_device(cls, deterministic):
     batches = _cuda_batches(8)
     for b in batches[:4]:
         opt.step(b)
-    assert opt.engine._whole.replays == 2
+    assert opt.engine.graph.replays == 2
     opt.param_groups[0]["lr"] = 0.0
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(batches[4])
@@ -517,7 +427,7 @@ def test_graph_reads_hyperparameters_from_device(cls, deterministic):
     opt.param_groups[0]["lr"] = 0.05
     opt.step(batches[5])
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert opt.engine._whole.captures == 1
+    assert opt.engine.graph.captures == 1
 
 
 @cuda
@@ -533,10 +443,10 @@ def test_passes_run_on_two_streams():
     opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.05, rho=0.1, lam=0.2, engine="streams")
     for b in _cuda_batches(3):
         opt.step(b)
-    x_streams, y_streams = seen[id(model)], seen[id(opt._ymodel)]
+    # the y-pass runs on the same module, y swapped in: one stream per pass, two in all
+    streams = seen[id(model)]
     default = torch.cuda.current_stream().cuda_stream
-    assert len(x_streams) == len(y_streams) == 1
-    assert x_streams != y_streams and default not in x_streams | y_streams
+    assert len(streams) == 2 and default not in streams
 
 
 @cuda

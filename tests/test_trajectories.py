@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sampa_fused import SAM
 from trajectories import CONFIGS, DATA, run
 
 RECORDED = torch.load(DATA)
@@ -14,6 +15,11 @@ def test_trajectory_is_kept(name):
     torch.testing.assert_close(got["losses"], want["losses"], rtol=1e-6, atol=0)
     assert got["state"].keys() == want["state"].keys()
     for k, v in want["state"].items():
+        if CONFIGS[name][0] is SAM and k.startswith("bn."):
+            # Recorded when SAM's perturbed pass also updated the running
+            # statistics; now only the pass at x does (SPEC 1, tested in
+            # test_user_patterns): the parameters are unaffected.
+            continue
         if v.is_floating_point():
             torch.testing.assert_close(got["state"][k], v, rtol=1e-6, atol=1e-7, msg=k)
         else:

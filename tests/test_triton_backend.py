@@ -20,12 +20,9 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from sampa_fused import SAM, SAMPa  # noqa: E402
-from sampa_fused.backends import make_backend  # noqa: E402
-from sampa_fused.backends.torch_backend import TorchBackend  # noqa: E402
-from sampa_fused.flat import Segment, build_slabs  # noqa: E402
-from sampa_fused.kernels import KernelConfig  # noqa: E402
-from sampa_fused.optim import SlabBuffers  # noqa: E402
-from sampa_fused.rules import AdamWRule, SGDRule  # noqa: E402
+from sampa_fused.state import FlatState  # noqa: E402
+from sampa_fused.update import Update, adamw, backend_for, sgd  # noqa: E402
+from sampa_fused.update.common import KernelConfig, torch_check, triton_check  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -95,12 +92,12 @@ def run(method, backend, base, steps=4, dtype=torch.float32, groups=None, **kw):
 def assert_same_run(method, base, tol=1e-5, dtype=torch.float32, **kw):
     ref_opt, ref = run(method, "torch", base, dtype=dtype, **kw)
     tri_opt, tri = run(method, "triton", base, dtype=dtype, **kw)
-    assert tri_opt.backend.name == "triton" and ref_opt.backend.name == "torch"
+    assert tri_opt.backend == "triton" and ref_opt.backend == "torch"
     for t, (a, b) in enumerate(zip(tri, ref)):
         assert relerr(a, b) <= tol, f"step {t}: relative error {relerr(a, b):.3g} > {tol}"
         assert not torch.equal(b, ref[0]) or t == 0      # the run does move
     # Optimizer state and the committed gy follow the same trajectory.
-    for bt, br in zip(tri_opt._bufs, ref_opt._bufs):
+    for bt, br in zip(tri_opt.flat.primary.slabs, ref_opt.flat.primary.slabs):
         for name in br.state:
             assert relerr(bt.state[name], br.state[name]) <= tol, name
         if hasattr(br, "gy"):
@@ -155,7 +152,8 @@ def test_param_groups_with_different_hyperparameters():
               dict(lr=0.03, momentum=0.5, dampening=0.2, rho=0.05, lam=0.0),
               dict(lr=0.02, momentum=0.0, nesterov=False, lam=1.0)]
     opt = assert_same_run(SAMPa, torch.optim.SGD, rho=0.1, lam=0.2, groups=groups)
-    assert len(opt._bufs[0].slab.segments) == 3
+    assert len(opt.flat.primary.slabs[0].slab.segments) == 3
+    assert len(opt.flat.runs()[0]) == 3                 # one launch per group
     groups = [dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, betas=(0.8, 0.9)),
               dict(lr=1e-3, amsgrad=True, rho=0.0)]
     assert_same_run(SAMPa, torch.optim.AdamW, rho=0.1, lam=0.3, groups=groups)
@@ -189,7 +187,7 @@ def test_low_precision_params_match_torch_backend(dtype):
                      (torch.optim.AdamW, dict(lr=1e-2))]:
         ref_opt, ref = run(SAMPa, "torch", base, steps=3, dtype=dtype, rho=0.1, lam=0.2, **kw)
         tri_opt, tri = run(SAMPa, "triton", base, steps=3, dtype=dtype, rho=0.1, lam=0.2, **kw)
-        assert tri_opt._bufs[0].x.dtype == dtype
+        assert tri_opt.flat.primary.slabs[0].x.dtype == dtype
         for a, b in zip(tri, ref):
             assert relerr(a, b) <= 2e-2
 
@@ -250,56 +248,108 @@ def test_nonfinite_gradient_is_refused():
 def test_auto_backend_on_cpu_is_torch():
     model = fresh()
     opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, backend="auto")
-    assert opt.backend.name == ("triton" if CUDA else "torch")
+    assert opt.backend == ("triton" if CUDA else "torch")
 
 
 # ------------------------------------------------------------ kernel level
-def make_bufs(sizes, dtype=torch.float32, groups=None, state_names=(), sampa=True, seed=0):
-    """One slab of random contents (never zeros), the torch and the triton copy."""
-    groups = groups or [0] * len(sizes)
-    tensors = [torch.empty(s, dtype=dtype, device=DEV) for s in sizes]
-    slab, = build_slabs(tensors, groups)
-    b = SlabBuffers(slab, sampa, list(state_names))
-    g = torch.Generator().manual_seed(seed)
-    for name in ("x", "x_save", "g", "y", "gy_new", "gy"):
-        if hasattr(b, name):
-            getattr(b, name).copy_(torch.randn(slab.numel, generator=g))
-    for name, t in b.state.items():
-        r = torch.randn(slab.numel, generator=g)
-        t.copy_(r.abs() if "sq" in name else r)     # second moments are >= 0
-    return b, copy.deepcopy(b)
+# A Kit is one layout of parameters with random flat buffers (never zeros) on
+# one backend, driven through the update layer as the optimizer drives it.
+BUFFERS = ("x", "x_save", "g", "y", "gy_new", "gy")
+SIZES = [1, 1000, 37, 129, 3]          # ragged around the SMALL block of 128
+
+
+class Kit:
+    def __init__(self, sizes, rule, hp, backend, dtype=torch.float32, groups=None, seed=0, config=None):
+        groups = groups or [0] * len(sizes)
+        params = [nn.Parameter(torch.empty(s, dtype=dtype, device=DEV)) for s in sizes]
+        self.rule, self.hp, self.groups = rule, hp, groups
+        self.flat = FlatState(params, groups, [f"p{i}" for i in range(len(sizes))], BUFFERS,
+                              rule, backend)
+        self.rep = self.flat.primary
+        self.update = Update(rule, self.flat)
+        self.config = config or __import__("sampa_fused.update.common", fromlist=["x"]).default_config(DEV)
+        self.update._cfgs[self.rep.device] = self.config
+        n_groups = max(groups) + 1
+        self.flat.allocate_state([hp] * n_groups, [self.rep])
+        g = torch.Generator().manual_seed(seed)
+        for b in self.rep.slabs:
+            for name in BUFFERS:
+                getattr(b, name).copy_(torch.randn(b.slab.numel, generator=g))
+            for name, t in b.state.items():
+                r = torch.randn(b.slab.numel, generator=g)
+                t.copy_(r.abs() if "sq" in name else r)     # second moments are >= 0
+        self.ok = torch.ones((), dtype=torch.bool, device=DEV)
+
+    @property
+    def b(self):
+        return self.rep.slabs[0]
+
+    def _refresh(self, step, rho=0.0, lam=0.0):
+        self.flat.set_counts([step] * len(self.groups))
+        n_groups = max(self.groups) + 1
+        self.update.refresh([(self.hp, rho, lam)] * n_groups, [self.rep])
+
+    def _norm(self, norm):
+        self.rep.gy_sq.copy_(norm.square())
+
+    def pre(self, step, rho, norm):
+        self._refresh(step, rho=rho)
+        self.rep.gy_sq.copy_(norm.square())
+        self.update.sampa_pre([self.rep])
+
+    def post(self, step, lam, inv=None, ok=None):
+        self._refresh(step, lam=lam)
+        sq = self.rep.gy_sq.clone()
+        self.update.sampa_post([self.rep], [(self.ok if ok is None else ok, sq)], [inv])
+
+    def perturb(self, rho, norm, inv=None):
+        self._refresh(0, rho=rho)
+        self.update.sam_perturb([self.rep], [(self.ok, norm.square())], [inv])
+
+    def sam_post(self, step, inv=None):
+        self._refresh(step)
+        self.update.sam_post([self.rep], [(self.ok, self.rep.gy_sq)], [inv])
+
+    def check(self, losses, grads, sq, inv=None):
+        if self.rep.backend == "triton":
+            return triton_check(self.rep.slabs, losses, grads, sq, inv, DEV, self.config)
+        return torch_check(self.rep.slabs, losses, grads, sq, inv, DEV)
+
+
+def make_kits(sizes, rule, hp, dtype=torch.float32, groups=None, seed=0, config=None):
+    """The same random contents on the triton and on the torch backend."""
+    return (Kit(sizes, rule, hp, "triton", dtype, groups, seed, config),
+            Kit(sizes, rule, hp, "torch", dtype, groups, seed, config))
 
 
 def all_buffers(b):
-    names = ["x", "x_save", "g", "y", "gy_new", "gy"]
-    out = {n: getattr(b, n) for n in names if hasattr(b, n)}
+    out = {n: getattr(b, n) for n in BUFFERS}
     out.update({f"state.{k}": v for k, v in b.state.items()})
     return out
 
 
 def assert_bufs_close(bt, br, rtol=1e-5, atol=1e-6):
     for (name, t), r in zip(all_buffers(bt).items(), all_buffers(br).values()):
-        torch.testing.assert_close(t.float(), r.float(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}: {m}")
-
-
-SIZES = [1, 1000, 37, 129, 3]          # ragged around the SMALL block of 128
+        torch.testing.assert_close(t.float(), r.float(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def sgd_hp(**kw):
     d = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-2, maximize=False)
     d.update(kw)
-    return SGDRule.hyper(d)
+    return sgd.hyper(d, "test")
 
 
 def adamw_hp(**kw):
     d = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)
     d.update(kw)
-    return AdamWRule.hyper(d)
+    return adamw.hyper(d, "test")
 
 
+RULES = {"sgd": sgd, "adamw": adamw}
 KERNEL_CASES = [
     ("sgd", sgd_hp(momentum=0.0, weight_decay=0.0), 3),
-    ("sgd", sgd_hp(), 0),                           # first step: the buffer is not read
+    ("sgd", sgd_hp(), 0),                           # first step: the buffer's values are not used
     ("sgd", sgd_hp(), 5),
     ("sgd", sgd_hp(nesterov=True, dampening=0.0), 2),
     ("sgd", sgd_hp(dampening=0.4, maximize=True), 7),
@@ -312,70 +362,83 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("config", [SMALL, None], ids=["small-blocks", "default-blocks"])
 @pytest.mark.parametrize("rule_name,hp,step", KERNEL_CASES)
 def test_kernels_match_torch_backend(rule_name, hp, step, config):
-    rule = SGDRule if rule_name == "sgd" else AdamWRule
-    bt, br = make_bufs(SIZES, groups=[0, 0, 1, 1, 1], state_names=rule.state_names(hp))
-    if rule_name == "sgd" and step == 0 and "momentum_buffer" in bt.state:
-        bt.state["momentum_buffer"].fill_(float("nan"))      # must not be read at step 0
-        br.state["momentum_buffer"].fill_(float("nan"))
-    tri, ref = make_backend("triton", DEV), TorchBackend()
-    if config is not None:
-        tri = type(tri)(DEV, config)
+    rule = RULES[rule_name]
+    kt, kr = make_kits(SIZES, rule, hp, groups=[0, 0, 1, 1, 1], config=config)
+    if rule_name == "sgd" and step == 0 and "momentum_buffer" in kt.b.state:
+        kt.b.state["momentum_buffer"].fill_(float("nan"))      # must not be used at step 0
+        kr.b.state["momentum_buffer"].fill_(float("nan"))
     norm = torch.tensor(2.5, device=DEV)
-    for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
-        tri.sampa_pre(bt, seg_t, rule, hp, step, 0.3, norm)
-        ref.sampa_pre(br, seg_r, rule, hp, step, 0.3, norm)
-    assert_bufs_close(bt, br)
-    for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
-        tri.sampa_post(bt, seg_t, rule, hp, step, 0.25)
-        ref.sampa_post(br, seg_r, rule, hp, step, 0.25)
-    assert_bufs_close(bt, br)
-    assert torch.equal(bt.gy, bt.gy_new)                    # the commit is a bit-exact copy
-    for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
-        tri.sam_perturb(bt, seg_t, 0.07, norm)
-        ref.sam_perturb(br, seg_r, 0.07, norm)
-    assert_bufs_close(bt, br)
-    for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
-        tri.sam_post(bt, seg_t, rule, hp, step + 1)
-        ref.sam_post(br, seg_r, rule, hp, step + 1)
-    assert_bufs_close(bt, br)
+    for k in (kt, kr):
+        k.pre(step, 0.3, norm)
+    assert_bufs_close(kt.b, kr.b)
+    for k in (kt, kr):
+        k.post(step, 0.25)
+    assert_bufs_close(kt.b, kr.b)
+    assert torch.equal(kt.b.gy, kt.b.gy_new)                  # the commit is a bit-exact copy
+    for k in (kt, kr):
+        k.perturb(0.07, norm)
+    assert_bufs_close(kt.b, kr.b)
+    for k in (kt, kr):
+        k.sam_post(step + 1)
+    assert_bufs_close(kt.b, kr.b)
 
 
-@pytest.mark.parametrize("rule,hp", [(SGDRule, sgd_hp(nesterov=True)), (AdamWRule, adamw_hp(amsgrad=True))],
+@pytest.mark.parametrize("rule_name,hp", [("sgd", sgd_hp(nesterov=True)), ("adamw", adamw_hp(amsgrad=True))],
                          ids=["sgd", "adamw"])
-def test_one_element_slab(rule, hp):
-    """A slab holding a single element (n == 1, which Triton specialises)."""
-    tri, ref = make_backend("triton", DEV), TorchBackend()
-    bt, br = make_bufs([()], state_names=rule.state_names(hp), seed=11)
-    # the layout pads segments to the alignment: launch on the one real element
-    seg_t = seg_r = Segment(0, 0, 1)
-    norm = torch.tensor(0.3, device=DEV)
+def test_refused_post_writes_only_x(rule_name, hp):
+    """A refused step (the ok flag false on the device): x <- x_save, and the
+    state and gy keep their bits, in both backends."""
+    rule = RULES[rule_name]
+    for k in make_kits(SIZES, rule, hp, groups=[0, 0, 1, 1, 1], seed=7, config=SMALL):
+        before = {n: t.clone() for n, t in all_buffers(k.b).items()}
+        k.post(3, 0.4, ok=torch.zeros((), dtype=torch.bool, device=DEV))
+        after = all_buffers(k.b)
+        assert torch.equal(after["x"], before["x_save"])
+        for n, t in before.items():
+            if n != "x":
+                assert torch.equal(after[n], t), n
+
+
+@pytest.mark.parametrize("rule_name,hp", [("sgd", sgd_hp(nesterov=True)), ("adamw", adamw_hp(amsgrad=True))],
+                         ids=["sgd", "adamw"])
+def test_one_element_launch(rule_name, hp):
+    """A launch of a single element (n == 1, which Triton specialises)."""
+    rule = RULES[rule_name]
+    kt, kr = make_kits([()], rule, hp, seed=11)
+    cfg = kt.config
     for step in (0, 1):
-        tri.sampa_pre(bt, seg_t, rule, hp, step, 0.2, norm)
-        ref.sampa_pre(br, seg_r, rule, hp, step, 0.2, norm)
-        tri.sampa_post(bt, seg_t, rule, hp, step, 0.4)
-        ref.sampa_post(br, seg_r, rule, hp, step, 0.4)
-        tri.sam_perturb(bt, seg_t, 0.2, norm)
-        ref.sam_perturb(br, seg_r, 0.2, norm)
-        assert_bufs_close(bt, br)
-    ok, sq = tri.check([bt], (), ("g", "gy_new"), "gy_new")
-    assert bool(ok) and sq.item() == pytest.approx(bt.gy_new.double().square().sum().item(), rel=1e-6)
+        for k in (kt, kr):
+            k._refresh(step, rho=0.2, lam=0.4)
+        h = kt.rep.table(torch.float32).row(0)
+        fl = rule.flags(hp)
+        norm = torch.tensor(0.3, device=DEV)
+        bt, br = kt.b, kr.b
+        sl = slice(0, 1)
+        st_t = {n: v[sl] for n, v in bt.state.items()}
+        rule.triton_pre(bt.x[sl], bt.x_save[sl], bt.y[sl], bt.gy[sl], st_t, norm, h, fl, cfg)
+        br.x_save[sl].copy_(br.x[sl])
+        y, _ = rule.step(br.x[sl], br.gy[sl], {n: v[sl] for n, v in br.state.items()}, h, fl)
+        br.y[sl].copy_(y)
+        br.x[sl].copy_(br.x[sl] + (h[0] / (norm + 1e-12)) * br.gy[sl])
+        torch.testing.assert_close(bt.x[sl], br.x[sl], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bt.y[sl], br.y[sl], rtol=1e-5, atol=1e-6)
+        assert torch.equal(bt.x_save[sl], br.x_save[sl])
+    ok, sq = kt.check((), ("g", "gy_new"), "gy_new")
+    assert bool(ok) and sq.item() == pytest.approx(kt.b.gy_new.double().square().sum().item(), rel=1e-6)
 
 
 def test_kernels_multi_program_default_blocks():
     """More than one program of the default launch shape, with a ragged tail."""
-    tri, ref = make_backend("triton", DEV), TorchBackend()
-    n = 2 * tri.config.block + 1234
     hp = adamw_hp(amsgrad=True)
-    bt, br = make_bufs([n, 5], state_names=AdamWRule.state_names(hp))
+    n = 2 * Kit([1], adamw, hp, "torch").config.block + 1234
+    kt, kr = make_kits([n, 5], adamw, hp)
     norm = torch.tensor(0.8, device=DEV)
-    seg_t, seg_r = bt.slab.segments[0], br.slab.segments[0]
-    tri.sampa_pre(bt, seg_t, AdamWRule, hp, 4, 0.1, norm)
-    ref.sampa_pre(br, seg_r, AdamWRule, hp, 4, 0.1, norm)
-    tri.sampa_post(bt, seg_t, AdamWRule, hp, 4, 0.6)
-    ref.sampa_post(br, seg_r, AdamWRule, hp, 4, 0.6)
-    assert_bufs_close(bt, br)
-    ok, sq = tri.check([bt], (), ("g", "gy_new"), "gy_new")
-    ok_r, sq_r = ref.check([br], (), ("g", "gy_new"), "gy_new")
+    for k in (kt, kr):
+        k.pre(4, 0.1, norm)
+        k.post(4, 0.6)
+    assert_bufs_close(kt.b, kr.b)
+    ok, sq = kt.check((), ("g", "gy_new"), "gy_new")
+    ok_r, sq_r = kr.check((), ("g", "gy_new"), "gy_new")
     assert bool(ok) and bool(ok_r)
     assert relerr(sq, sq_r) <= 1e-6
 
@@ -383,41 +446,44 @@ def test_kernels_multi_program_default_blocks():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernels_low_precision(dtype):
     """fp32 math on 16-bit buffers: results within one rounding of the torch backend."""
-    tri, ref = TritonBackendSmall(), TorchBackend()
-    for rule, hp in [(SGDRule, sgd_hp(nesterov=True)), (AdamWRule, adamw_hp(amsgrad=True))]:
-        bt, br = make_bufs(SIZES, dtype=dtype, state_names=rule.state_names(hp), seed=3)
+    for rule, hp in [(sgd, sgd_hp(nesterov=True)), (adamw, adamw_hp(amsgrad=True))]:
+        kt, kr = make_kits(SIZES, rule, hp, dtype=dtype, seed=3, config=SMALL)
         norm = torch.tensor(1.7, device=DEV)
-        seg_t, seg_r = bt.slab.segments[0], br.slab.segments[0]
-        tri.sampa_pre(bt, seg_t, rule, hp, 2, 0.2, norm)
-        ref.sampa_pre(br, seg_r, rule, hp, 2, 0.2, norm)
-        tri.sampa_post(bt, seg_t, rule, hp, 2, 0.2)
-        ref.sampa_post(br, seg_r, rule, hp, 2, 0.2)
+        for k in (kt, kr):
+            k.pre(2, 0.2, norm)
+            k.post(2, 0.2)
         eps = torch.finfo(dtype).eps
-        assert_bufs_close(bt, br, rtol=2 * eps, atol=2 * eps)
-        assert bt.x.dtype == dtype and all(v.dtype == dtype for v in bt.state.values())
-        ok, sq = tri.check([bt], (), ("g", "gy_new"), "gy_new")
-        _, sq_r = ref.check([br], (), ("g", "gy_new"), "gy_new")
+        assert_bufs_close(kt.b, kr.b, rtol=2 * eps, atol=2 * eps)
+        assert kt.b.x.dtype == dtype and all(v.dtype == dtype for v in kt.b.state.values())
+        ok, sq = kt.check((), ("g", "gy_new"), "gy_new")
+        _, sq_r = kr.check((), ("g", "gy_new"), "gy_new")
         assert sq.dtype == torch.float32 and relerr(sq, sq_r) <= 1e-6
 
 
-def TritonBackendSmall():
-    from sampa_fused.backends.triton_backend import TritonBackend
-    return TritonBackend(DEV, SMALL)
+def _kits_of_slabs(config):
+    """Three slabs (two fp32 layouts and a bf16 one) for the check."""
+    kits = [make_kits([1000, 7, 1], sgd, sgd_hp(), seed=s, config=config) for s in range(2)]
+    kits.append(make_kits([333], sgd, sgd_hp(), dtype=torch.bfloat16, seed=9, config=config))
+    return kits
+
+
+def _check(kits, which, losses, grads, sq, inv=None, config=None):
+    slabs = [k[which].b for k in kits]
+    if which == 0:
+        return triton_check(slabs, losses, grads, sq, inv, DEV, config or kits[0][0].config)
+    return torch_check(slabs, losses, grads, sq, inv, DEV)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy sees the injected inf
 @pytest.mark.parametrize("config", [SMALL, None], ids=["small-blocks", "default-blocks"])
 def test_check_matches_torch_and_flags_nonfinite(config):
-    from sampa_fused.backends.triton_backend import TritonBackend
-    tri, ref = TritonBackend(DEV, config), TorchBackend()
-    slabs = [make_bufs([1000, 7, 1], seed=s)[0] for s in range(2)]
-    slabs.append(make_bufs([333], dtype=torch.bfloat16, seed=9)[0])
+    kits = _kits_of_slabs(config)
     loss = torch.tensor(1.5, device=DEV)
     for grads, sq_attr, losses in [(("g", "gy_new"), "gy_new", (loss, loss * 2)), (("g",), "g", ()),
                                    (("g",), None, (loss,)), ((), "gy_new", ()),
                                    (("g", "gy", "y"), "x", (loss, loss, loss))]:
-        ok, sq = tri.check(slabs, losses, grads, sq_attr)
-        ok_r, sq_r = ref.check(slabs, losses, grads, sq_attr)
+        ok, sq = _check(kits, 0, losses, grads, sq_attr)
+        ok_r, sq_r = _check(kits, 1, losses, grads, sq_attr)
         assert ok.dtype == torch.bool and ok.shape == () and sq.dtype == torch.float32 and sq.shape == ()
         assert bool(ok) and bool(ok_r)
         if sq_attr is None:
@@ -429,69 +495,64 @@ def test_check_matches_torch_and_flags_nonfinite(config):
     cases = [("g", 1010, float("nan")), ("g", 0, float("inf")), ("gy_new", 500, float("-inf")),
              ("gy_new", 7, 1e30)]
     for name, i, value in cases:
-        b = slabs[1]
-        old = getattr(b, name)[i].item()
-        getattr(b, name)[i] = value
-        ok, _ = tri.check(slabs, (loss,), ("g", "gy_new"), "gy_new")
-        ok_r, _ = ref.check(slabs, (loss,), ("g", "gy_new"), "gy_new")
-        assert not bool(ok) and not bool(ok_r), (name, value)
-        getattr(b, name)[i] = old
+        for which in (0, 1):
+            b = kits[1][which].b
+            old = getattr(b, name)[i].item()
+            getattr(b, name)[i] = value
+            ok, _ = _check(kits, which, (loss,), ("g", "gy_new"), "gy_new")
+            assert not bool(ok), (name, value, which)
+            getattr(b, name)[i] = old
     # The second and third checked buffers of a launch (two per launch, then a new chunk).
     for name, attrs in [("gy", ("g", "gy")), ("gy", ("g", "y", "gy")), ("y", ("g", "gy", "y"))]:
-        b = slabs[0]
+        b = kits[0][0].b
         getattr(b, name)[999] = float("nan")
-        assert not bool(tri.check(slabs, (), attrs, None)[0]), (name, attrs)
-        assert not bool(tri.check(slabs, (), attrs, "x")[0]), (name, attrs)
+        assert not bool(_check(kits, 0, (), attrs, None)[0]), (name, attrs)
+        assert not bool(_check(kits, 0, (), attrs, "x")[0]), (name, attrs)
         getattr(b, name)[999] = 0.5
-        assert bool(tri.check(slabs, (), attrs, "x")[0])
-    slabs[2].g[332] = float("nan")                                   # the bf16 slab, last element
-    assert not bool(tri.check(slabs, (), ("g",), None)[0])
-    slabs[2].g[332] = 1.0
+        assert bool(_check(kits, 0, (), attrs, "x")[0])
+    kits[2][0].b.g[332] = float("nan")                                   # the bf16 slab, last element
+    assert not bool(_check(kits, 0, (), ("g",), None)[0])
+    kits[2][0].b.g[332] = 1.0
     for bad_loss in (torch.tensor(float("nan")), torch.tensor(float("inf"), dtype=torch.bfloat16),
                      torch.tensor([float("-inf")], dtype=torch.float64)):
-        assert not bool(tri.check(slabs, (loss, bad_loss.to(DEV)), ("g",), "gy_new")[0])
-    assert bool(tri.check(slabs, (torch.tensor(1e300, dtype=torch.float64, device=DEV),), ("g",), "gy_new")[0])
+        assert not bool(_check(kits, 0, (loss, bad_loss.to(DEV)), ("g",), "gy_new")[0])
+    assert bool(_check(kits, 0, (torch.tensor(1e300, dtype=torch.float64, device=DEV),), ("g",), "gy_new")[0])
 
 
 def test_check_is_deterministic_and_independent_of_memory():
     """Two-stage reduction without atomics: the same data on two 'devices'
     (here two copies in different memory) gives bit-identical norms."""
-    from sampa_fused.backends.triton_backend import TritonBackend
-    tri = TritonBackend(DEV, SMALL)
-    a, b = make_bufs([4097, 3, 1], seed=4)
-    runs = [tri.check([a], (), ("g", "gy_new"), "gy_new")[1] for _ in range(2)]
-    runs.append(tri.check([b], (), ("g", "gy_new"), "gy_new")[1])
+    a = Kit([4097, 3, 1], sgd, sgd_hp(), "triton", seed=4, config=SMALL)
+    b = Kit([4097, 3, 1], sgd, sgd_hp(), "triton", seed=4, config=SMALL)
+    runs = [a.check((), ("g", "gy_new"), "gy_new")[1] for _ in range(2)]
+    runs.append(b.check((), ("g", "gy_new"), "gy_new")[1])
     assert runs[0].item() == runs[1].item() == runs[2].item()
     assert runs[0].item() > 0
     # fp32 accumulation: close to an fp64 reference.
-    exact = a.gy_new.double().square().sum().item()
+    exact = a.b.gy_new.double().square().sum().item()
     assert abs(runs[0].item() - exact) / exact <= 1e-6
 
 
 def test_check_returns_fresh_outputs():
     """The optimizer keeps last step's ||gy||^2 while the next check runs."""
-    from sampa_fused.backends.triton_backend import TritonBackend
-    tri = TritonBackend(DEV, SMALL)
-    a, _ = make_bufs([100], seed=5)
-    ok1, sq1 = tri.check([a], (), ("g",), "gy_new")
+    a = Kit([100], sgd, sgd_hp(), "triton", seed=5, config=SMALL)
+    ok1, sq1 = a.check((), ("g",), "gy_new")
     v1 = sq1.item()
-    a.gy_new.mul_(2)
-    ok2, sq2 = tri.check([a], (), ("g",), "gy_new")
+    a.b.gy_new.mul_(2)
+    ok2, sq2 = a.check((), ("g",), "gy_new")
     assert sq1.item() == v1 and sq2.item() != v1
     assert ok1.data_ptr() != ok2.data_ptr()
 
 
 def test_empty_check_and_zero_norm():
     """No buffers at all: sq = 0 and ok from the losses; a zero norm gives xt = x."""
-    from sampa_fused.backends.triton_backend import TritonBackend
-    tri = TritonBackend(DEV, SMALL)
-    ok, sq = tri.check([], (torch.tensor(2.0, device=DEV),), (), None)
+    ok, sq = triton_check([], (torch.tensor(2.0, device=DEV),), (), None, None, DEV, SMALL)
     assert bool(ok) and sq.item() == 0.0
-    bt, _ = make_bufs([300], state_names=["momentum_buffer"])
-    bt.gy.zero_()
-    x0 = bt.x.clone()
-    tri.sampa_pre(bt, bt.slab.segments[0], SGDRule, sgd_hp(), 0, 0.5, torch.zeros((), device=DEV))
-    assert torch.equal(bt.x, x0) and torch.equal(bt.x_save, x0)
+    kt = Kit([300], sgd, sgd_hp(), "triton", config=SMALL)
+    kt.b.gy.zero_()
+    x0 = kt.b.x.clone()
+    kt.pre(0, 0.5, torch.zeros((), device=DEV))
+    assert torch.equal(kt.b.x, x0) and torch.equal(kt.b.x_save, x0)
 
 
 # ------------------------------------------------------------ GradScaler unscaling
@@ -502,7 +563,7 @@ LOSS_SCALE = 1536.0
 
 UNSCALE_CASES = [
     ("sgd", sgd_hp(momentum=0.0, weight_decay=0.0), 3),
-    ("sgd", sgd_hp(), 0),                           # first step: the buffer is not read
+    ("sgd", sgd_hp(), 0),                           # first step: the buffer's values are not used
     ("sgd", sgd_hp(nesterov=True), 4),
     ("sgd", sgd_hp(dampening=0.4, maximize=True), 7),
     ("adamw", adamw_hp(), 0),
@@ -511,86 +572,79 @@ UNSCALE_CASES = [
 ]
 
 
-def scaled_bufs(rule, hp, dtype, seed):
-    """make_bufs with g and gy_new scaled by LOSS_SCALE (unscaled values O(1))."""
-    bt, br = make_bufs(SIZES, dtype=dtype, groups=[0, 0, 1, 1, 1], state_names=rule.state_names(hp),
-                       seed=seed)
-    for b in (bt, br):
-        b.g.mul_(LOSS_SCALE)
-        b.gy_new.mul_(LOSS_SCALE)
-    return bt, br
+def scaled_kits(rule, hp, dtype, seed):
+    """make_kits with g and gy_new scaled by LOSS_SCALE (unscaled values O(1))."""
+    kits = make_kits(SIZES, rule, hp, dtype=dtype, groups=[0, 0, 1, 1, 1], seed=seed, config=SMALL)
+    for k in kits:
+        k.b.g.mul_(LOSS_SCALE)
+        k.b.gy_new.mul_(LOSS_SCALE)
+    return kits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rule_name,hp,step", UNSCALE_CASES)
 def test_unscaled_kernels_match_torch_backend(rule_name, hp, step, dtype):
-    rule = SGDRule if rule_name == "sgd" else AdamWRule
-    tri, ref = TritonBackendSmall(), TorchBackend()
+    rule = RULES[rule_name]
     inv = torch.tensor(1.0 / LOSS_SCALE, device=DEV)
     norm = torch.tensor(1.3, device=DEV)
     eps = torch.finfo(dtype).eps
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 * eps, atol=2 * eps)
     for k, lam in enumerate((0.0, 0.2, 1.0)):
-        bt, br = scaled_bufs(rule, hp, dtype, seed=20 + k)
-        g0, gy_new0 = bt.g.clone(), bt.gy_new.clone()
-        for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
-            tri.sampa_post(bt, seg_t, rule, hp, step, lam, inv_scale=inv)
-            ref.sampa_post(br, seg_r, rule, hp, step, lam, inv_scale=inv)
-        assert_bufs_close(bt, br, **tol)
+        kt, kr = scaled_kits(rule, hp, dtype, seed=20 + k)
+        g0, gy_new0 = kt.b.g.clone(), kt.b.gy_new.clone()
+        for kit in (kt, kr):
+            kit.post(step, lam, inv=inv)
+        assert_bufs_close(kt.b, kr.b, **tol)
         # The scaled buffers are left as they are; the commit is gy_new / scale
         # rounded once to the buffer dtype, as in the torch backend (bit-exact
         # but for the interpreter's fp32 -> bf16 cast, which truncates).
-        assert torch.equal(bt.g, g0) and torch.equal(bt.gy_new, gy_new0)
+        assert torch.equal(kt.b.g, g0) and torch.equal(kt.b.gy_new, gy_new0)
         if dtype == torch.float32 or CUDA:
-            assert torch.equal(bt.gy, br.gy)
-            assert torch.equal(bt.gy, (gy_new0.float() * inv).to(dtype))
+            assert torch.equal(kt.b.gy, kr.b.gy)
+            assert torch.equal(kt.b.gy, (gy_new0.float() * inv).to(dtype))
     # SAM on the last buffers: perturb with the unscaled g, then the step.
-    for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
-        tri.sam_perturb(bt, seg_t, 0.07, norm, inv_scale=inv)
-        ref.sam_perturb(br, seg_r, 0.07, norm, inv_scale=inv)
-    assert_bufs_close(bt, br, **tol)
-    for seg_t, seg_r in zip(bt.slab.segments, br.slab.segments):
-        tri.sam_post(bt, seg_t, rule, hp, step + 1, inv_scale=inv)
-        ref.sam_post(br, seg_r, rule, hp, step + 1, inv_scale=inv)
-    assert_bufs_close(bt, br, **tol)
+    for kit in (kt, kr):
+        kit.perturb(0.07, norm, inv=inv)
+    assert_bufs_close(kt.b, kr.b, **tol)
+    for kit in (kt, kr):
+        kit.sam_post(step + 1, inv=inv)
+    assert_bufs_close(kt.b, kr.b, **tol)
 
 
 def test_unit_inv_scale_is_the_unscaled_path():
     """inv_scale = 1 (the UNSCALE kernels) is bit-identical to inv_scale=None."""
-    tri = TritonBackendSmall()
     one = torch.ones((), device=DEV)
     norm = torch.tensor(0.9, device=DEV)
-    for rule, hp in [(SGDRule, sgd_hp(nesterov=True)), (AdamWRule, adamw_hp(amsgrad=True))]:
-        a, b = make_bufs(SIZES, groups=[0, 0, 1, 1, 1], state_names=rule.state_names(hp), seed=31)
-        for seg_a, seg_b in zip(a.slab.segments, b.slab.segments):
-            tri.sampa_post(a, seg_a, rule, hp, 2, 0.3)
-            tri.sampa_post(b, seg_b, rule, hp, 2, 0.3, inv_scale=one)
-            tri.sam_perturb(a, seg_a, 0.1, norm)
-            tri.sam_perturb(b, seg_b, 0.1, norm, inv_scale=one)
-            tri.sam_post(a, seg_a, rule, hp, 3)
-            tri.sam_post(b, seg_b, rule, hp, 3, inv_scale=one)
-        for (name, t), u in zip(all_buffers(a).items(), all_buffers(b).values()):
+    for rule, hp in [(sgd, sgd_hp(nesterov=True)), (adamw, adamw_hp(amsgrad=True))]:
+        a = Kit(SIZES, rule, hp, "triton", groups=[0, 0, 1, 1, 1], seed=31, config=SMALL)
+        b = Kit(SIZES, rule, hp, "triton", groups=[0, 0, 1, 1, 1], seed=31, config=SMALL)
+        a.post(2, 0.3)
+        b.post(2, 0.3, inv=one)
+        a.perturb(0.1, norm)
+        b.perturb(0.1, norm, inv=one)
+        a.sam_post(3)
+        b.sam_post(3, inv=one)
+        for (name, t), u in zip(all_buffers(a.b).items(), all_buffers(b.b).values()):
             assert torch.equal(t, u), name
-        assert torch.equal(tri.check([a], (), ("g", "gy_new"), "gy_new")[1],
-                           tri.check([b], (), ("g", "gy_new"), "gy_new", inv_scale=one)[1])
+        assert torch.equal(a.check((), ("g", "gy_new"), "gy_new")[1],
+                           b.check((), ("g", "gy_new"), "gy_new", inv=one)[1])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy sees the injected inf
 @pytest.mark.parametrize("config", [SMALL, None], ids=["small-blocks", "default-blocks"])
 def test_unscaled_check_matches_torch_and_flags_nonfinite(config):
-    from sampa_fused.backends.triton_backend import TritonBackend
-    tri, ref = TritonBackend(DEV, config), TorchBackend()
     inv = torch.tensor(1.0 / LOSS_SCALE, device=DEV)
-    slabs = [make_bufs([1000, 7, 1], seed=40 + s)[0] for s in range(2)]
-    slabs.append(make_bufs([333], dtype=torch.bfloat16, seed=49)[0])
-    for b in slabs:
-        b.g.mul_(LOSS_SCALE)
-        b.gy_new.mul_(LOSS_SCALE)
+    kits = [make_kits([1000, 7, 1], sgd, sgd_hp(), seed=40 + s, config=config) for s in range(2)]
+    kits.append(make_kits([333], sgd, sgd_hp(), dtype=torch.bfloat16, seed=49, config=config))
+    for pair in kits:
+        for k in pair:
+            k.b.g.mul_(LOSS_SCALE)
+            k.b.gy_new.mul_(LOSS_SCALE)
     loss = torch.tensor(1.5, device=DEV)
     for grads, sq_attr, losses in [(("g", "gy_new"), "gy_new", (loss,)), (("g",), "g", ()),
                                    (("g",), None, (loss,))]:
-        ok, sq = tri.check(slabs, losses, grads, sq_attr, inv_scale=inv)
-        ok_r, sq_r = ref.check(slabs, losses, grads, sq_attr, inv_scale=inv)
+        ok, sq = _check(kits, 0, losses, grads, sq_attr, inv)
+        ok_r, sq_r = _check(kits, 1, losses, grads, sq_attr, inv)
         assert ok.dtype == torch.bool and ok.shape == () and sq.dtype == torch.float32 and sq.shape == ()
         assert bool(ok) and bool(ok_r)
         if sq_attr is None:
@@ -598,63 +652,66 @@ def test_unscaled_check_matches_torch_and_flags_nonfinite(config):
         else:
             assert relerr(sq, sq_r) <= 1e-6
             # the norm is of the unscaled values: not the scaled sum / scale^2 by luck
-            exact = sum((getattr(b, sq_attr).double() * inv.double()).square().sum() for b in slabs)
+            exact = sum((getattr(k[0].b, sq_attr).double() * inv.double()).square().sum() for k in kits)
             assert abs(sq.item() - exact.item()) / exact.item() <= 1e-5
     # Non-finite values still refuse the step; an unscaled value whose square
     # overflows fp32 does too, and a scaled one whose unscaled square fits does not.
-    b = slabs[1]
     for name, i, value, expect in [("g", 1005, float("nan"), False), ("gy_new", 3, float("inf"), False),
                                    ("gy_new", 500, float("-inf"), False), ("gy_new", 7, 1e30, False),
                                    ("gy_new", 7, 1e20, True)]:
-        old = getattr(b, name)[i].item()
-        getattr(b, name)[i] = value
-        ok, _ = tri.check(slabs, (loss,), ("g", "gy_new"), "gy_new", inv_scale=inv)
-        ok_r, _ = ref.check(slabs, (loss,), ("g", "gy_new"), "gy_new", inv_scale=inv)
-        assert bool(ok) == bool(ok_r) == expect, (name, value)
-        getattr(b, name)[i] = old
-    b.gy_new[7] = 1e20                   # (1e20)^2 overflows fp32; (1e20 / 1536)^2 does not
-    assert not bool(tri.check(slabs, (), ("g",), "gy_new")[0])
-    assert bool(tri.check(slabs, (), ("g",), "gy_new", inv_scale=inv)[0])
+        for which in (0, 1):
+            b = kits[1][which].b
+            old = getattr(b, name)[i].item()
+            getattr(b, name)[i] = value
+            ok, _ = _check(kits, which, (loss,), ("g", "gy_new"), "gy_new", inv)
+            assert bool(ok) == expect, (name, value, which)
+            getattr(b, name)[i] = old
+    kits[1][0].b.gy_new[7] = 1e20        # (1e20)^2 overflows fp32; (1e20 / 1536)^2 does not
+    assert not bool(_check(kits, 0, (), ("g",), "gy_new")[0])
+    assert bool(_check(kits, 0, (), ("g",), "gy_new", inv)[0])
     bad_loss = torch.tensor(float("nan"), device=DEV)
-    assert not bool(tri.check(slabs, (loss, bad_loss), ("g",), "gy_new", inv_scale=inv)[0])
+    assert not bool(_check(kits, 0, (loss, bad_loss), ("g",), "gy_new", inv)[0])
 
 
 def test_bad_inv_scale_is_refused():
-    tri = TritonBackendSmall()
-    hp = sgd_hp()
-    bt, _ = make_bufs([10], state_names=SGDRule.state_names(hp))
-    seg, norm = bt.slab.segments[0], torch.ones((), device=DEV)
+    kt = Kit([10], sgd, sgd_hp(), "triton", config=SMALL)
+    kt._refresh(1, rho=0.1, lam=0.2)
+    b, h, fl = kt.b, kt.rep.table(torch.float32).row(0), sgd.flags(sgd_hp())
+    ok = torch.ones((), dtype=torch.bool, device=DEV)
+    norm = torch.ones((), device=DEV)
     for bad in (1 / 1024, torch.tensor(1 / 1024, dtype=torch.float64, device=DEV),
                 torch.full((2,), 1 / 1024, device=DEV)):
         with pytest.raises(TypeError, match="inv_scale must be a 1-element fp32 tensor"):
-            tri.sampa_post(bt, seg, SGDRule, hp, 1, 0.2, inv_scale=bad)
+            sgd.triton_post(b.x, b.x_save, b.g, b.gy_new, b.gy, b.state, bad, ok, None, h, fl, kt.config)
+        from sampa_fused.update.common import triton_perturb
         with pytest.raises(TypeError, match="inv_scale"):
-            tri.sam_perturb(bt, seg, 0.1, norm, inv_scale=bad)
+            triton_perturb(b.x, b.g, norm, h, kt.config, inv=bad)
         with pytest.raises(TypeError, match="inv_scale"):
-            tri.sam_post(bt, seg, SGDRule, hp, 1, inv_scale=bad)
+            sgd.triton_post(b.x, b.x_save, b.g, None, None, b.state, bad, ok, None, h, fl, kt.config)
         with pytest.raises(TypeError, match="inv_scale"):
-            tri.check([bt], (), ("g",), "g", inv_scale=bad)
+            triton_check([b], (), ("g",), "g", bad, DEV, kt.config)
 
 
 # ------------------------------------------------------------ bad input
 def test_bad_norm_argument_is_refused():
-    from sampa_fused.backends.triton_backend import TritonBackend
-    tri = TritonBackend(DEV, SMALL)
-    bt, _ = make_bufs([10])
-    seg = bt.slab.segments[0]
+    from sampa_fused.update.common import triton_perturb
+    kt = Kit([10], sgd, sgd_hp(), "triton", config=SMALL)
+    kt._refresh(0, rho=0.1)
+    h = kt.rep.table(torch.float32).row(0)
     with pytest.raises(TypeError, match="fp32 tensor"):
-        tri.sam_perturb(bt, seg, 0.1, 2.0)
+        triton_perturb(kt.b.x, kt.b.g, 2.0, h, SMALL)
     with pytest.raises(TypeError, match="fp32 tensor"):
-        tri.sam_perturb(bt, seg, 0.1, torch.tensor(2.0, dtype=torch.float64, device=DEV))
+        triton_perturb(kt.b.x, kt.b.g, torch.tensor(2.0, dtype=torch.float64, device=DEV), h, SMALL)
 
 
-def test_unsupported_rule_is_refused():
-    from sampa_fused.backends.triton_backend import TritonBackend
-    from sampa_fused.rules import GenericRule
-    tri = TritonBackend(DEV, SMALL)
-    bt, _ = make_bufs([10])
-    with pytest.raises(NotImplementedError, match="SGD and torch.optim.AdamW"):
-        tri.sampa_pre(bt, bt.slab.segments[0], GenericRule, {}, 0, 0.1, torch.ones((), device=DEV))
+def test_base_optimizer_without_kernels_runs_its_own_step_on_triton():
+    """Only SGD and AdamW have kernels; any other base optimizer runs its own
+    step() (exact) whatever the backend."""
+    ref_opt, ref = run(SAMPa, "torch", torch.optim.Adagrad, rho=0.1, lam=0.2, lr=0.05)
+    tri_opt, tri = run(SAMPa, "triton", torch.optim.Adagrad, rho=0.1, lam=0.2, lr=0.05)
+    assert not tri_opt.update.fused
+    for a, b in zip(tri, ref):
+        assert torch.equal(a, b)
 
 
 def test_bad_kernel_config_is_refused():
@@ -666,14 +723,14 @@ def test_bad_kernel_config_is_refused():
 
 def test_unsupported_device_is_refused():
     with pytest.raises(RuntimeError, match="backend='torch'"):
-        make_backend("triton", torch.device("meta"))
+        backend_for("triton", torch.device("meta"), [])
 
 
 @pytest.mark.skipif(CUDA, reason="CPU-only refusal")
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        make_backend("triton", torch.device("cpu"))
+        backend_for("triton", torch.device("cpu"), [])
     model = fresh()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, backend="triton")
@@ -687,14 +744,13 @@ def test_missing_triton_and_late_interpreter_are_refused():
         import os, sys
         os.environ.pop("TRITON_INTERPRET", None)
         import torch
-        from sampa_fused.backends import make_backend
         if sys.argv[1] == "missing":
             sys.modules["triton"] = None
-        else:
-            import sampa_fused.kernels.sgd  # built as GPU kernels
+        from sampa_fused.update import backend_for   # the kernels: built for the GPU
+        if sys.argv[1] != "missing":
             os.environ["TRITON_INTERPRET"] = "1"
         try:
-            make_backend("triton", torch.device("cpu"))
+            backend_for("triton", torch.device("cpu"), [])
         except RuntimeError as e:
             print("REFUSED:", e)
     """)
@@ -713,18 +769,19 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.compiler import ASTSource
     from triton.backends.compiler import GPUTarget
-    from sampa_fused.kernels import CUDA_CONFIG as C, adamw, perturb, reduce, sgd
+    from sampa_fused.update import adamw, common, sgd
+    C = common.CUDA_CONFIG
 
-    SCALARS = ("rho", "lr", "momentum", "damp1", "weight_decay", "lam", "one_minus_lam", "decay",
-               "w", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps")
     def build(fn, consts, nw, dt="*fp32", **types):
         sig = {}
         for a in fn.arg_names:
             sig[a] = ("constexpr" if a in consts else types.get(a) or
-                      ("fp32" if a in SCALARS else "i32" if a in ("n", "slot", "n_slots") else dt))
-        for a in ("norm_ptr", "inv_ptr"):      # 0-dim fp32 device scalars
+                      ("i32" if a in ("n", "slot", "n_slots") else dt))
+        for a in ("norm_ptr", "inv_ptr", "coef_ptr", "hp_ptr"):      # fp32 device scalars, the row
             if a in sig:
                 sig[a] = "*fp32"
+        if "ok_ptr" in sig:
+            sig["ok_ptr"] = "*i1"
         # 16-byte aligned pointers and sizes, as the launcher specialises them
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if sig[a].startswith("*") or a == "n"}
@@ -732,27 +789,30 @@ COMPILE_SCRIPT = textwrap.dedent("""
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
         return k.asm["ptx"]
 
-    sg = dict(MOMENTUM=True, FIRST=False, NESTEROV=True, WEIGHT_DECAY=True, MAXIMIZE=False, BLOCK=C.block)
+    sg = dict(MOMENTUM=True, NESTEROV=True, WEIGHT_DECAY=True, MAXIMIZE=False, BLOCK=C.block)
     ad = dict(WEIGHT_DECAY=True, AMSGRAD=True, MAXIMIZE=True, LERP_SMALL=True, BLOCK=C.block)
+    post = dict(MIX=True, CLIP=False)
     out = {}
-    out["sgd_pre"] = build(sgd.sgd_pre_kernel, sg, C.num_warps)
-    out["sgd_post_bf16"] = build(sgd.sgd_post_kernel, dict(sg, MIX=True, UNSCALE=False, FIRST=True),
-                                 C.num_warps, "*bf16")
-    out["sgd_post_unscale_bf16"] = build(sgd.sgd_post_kernel, dict(sg, MIX=True, UNSCALE=True),
+    out["sgd_pre"] = build(sgd.sgd_pre_kernel, dict(sg, ADAPTIVE=False), C.num_warps)
+    out["sgd_post_bf16"] = build(sgd.sgd_post_kernel, dict(sg, UNSCALE=False, **post), C.num_warps, "*bf16")
+    out["sgd_post_unscale_bf16"] = build(sgd.sgd_post_kernel, dict(sg, UNSCALE=True, **post),
                                          C.num_warps, "*bf16")
-    out["adamw_pre_fp16"] = build(adamw.adamw_pre_kernel, ad, C.num_warps, "*fp16")
-    out["adamw_post"] = build(adamw.adamw_post_kernel, dict(ad, MIX=True, UNSCALE=False), C.num_warps)
-    out["adamw_post_unscale"] = build(adamw.adamw_post_kernel, dict(ad, MIX=True, UNSCALE=True), C.num_warps)
-    out["perturb"] = build(perturb.perturb_kernel, dict(UNSCALE=False, BLOCK=C.block), C.num_warps, n="i64")
-    out["perturb_unscale"] = build(perturb.perturb_kernel, dict(UNSCALE=True, BLOCK=C.block), C.num_warps)
-    out["check"] = build(reduce.check_partials_kernel, dict(SQ=True, UNSCALE=False, N_CHECK=2,
+    out["adamw_pre_fp16"] = build(adamw.adamw_pre_kernel, dict(ad, ADAPTIVE=True), C.num_warps, "*fp16")
+    out["adamw_post"] = build(adamw.adamw_post_kernel, dict(ad, UNSCALE=False, **post), C.num_warps)
+    out["adamw_post_unscale"] = build(adamw.adamw_post_kernel, dict(ad, UNSCALE=True, **post), C.num_warps)
+    out["perturb"] = build(common.perturb_kernel, dict(UNSCALE=False, ADAPTIVE=False, BLOCK=C.block),
+                           C.num_warps, n="i64")
+    out["perturb_unscale"] = build(common.perturb_kernel, dict(UNSCALE=True, ADAPTIVE=False, BLOCK=C.block),
+                                   C.num_warps)
+    out["check"] = build(common.check_partials_kernel, dict(SQ=True, UNSCALE=False, N_CHECK=2,
                          BLOCK=C.reduce_block, ITERS=C.reduce_iters), C.reduce_warps, "*bf16",
                          parts_ptr="*fp32")
-    out["check_unscale"] = build(reduce.check_partials_kernel, dict(SQ=True, UNSCALE=True, N_CHECK=2,
+    out["check_unscale"] = build(common.check_partials_kernel, dict(SQ=True, UNSCALE=True, N_CHECK=2,
                                  BLOCK=C.reduce_block, ITERS=C.reduce_iters), C.reduce_warps, "*bf16",
                                  parts_ptr="*fp32")
-    out["final"] = build(reduce.check_final_kernel, dict(N_LOSS=2, BLOCK=C.final_block), C.final_warps,
-                         loss0_ptr="*fp64", loss1_ptr="*bf16", ok_out_ptr="*i1")
+    out["final"] = build(common.check_final_kernel, dict(N_LOSS=2, BLOCK=C.final_block), C.final_warps,
+                         loss0_ptr="*fp64", loss1_ptr="*bf16", ok_out_ptr="*i1", sq_out_ptr="*fp32",
+                         parts_ptr="*fp32")
     for name, ptx in out.items():
         print(name, ptx.count("ld.global.v4"), ptx.count("div.rn.f32"), ptx.count("div.full"),
               ptx.count("sqrt.approx"), ptx.count("ld.global"))
@@ -791,36 +851,35 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 def test_cuda_auto_backend_is_triton():
     model = fresh()
     opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, backend="auto")
-    assert opt.backend.name == "triton"
+    assert opt.backend == "triton"
 
 
 @needs_cuda
-def test_cuda_no_host_sync_in_backend_calls():
-    """Every backend call of a step, under CUDA's sync debug mode set to error."""
-    from sampa_fused.backends.triton_backend import TritonBackend
-    tri = TritonBackend(DEV)
-    for rule, hp in [(SGDRule, sgd_hp(nesterov=True)), (AdamWRule, adamw_hp(amsgrad=True))]:
-        bt, _ = make_bufs([100003, 17, 1], groups=[0, 1, 1], state_names=rule.state_names(hp))
+def test_cuda_no_host_sync_in_update_calls():
+    """Every update call of a step, under CUDA's sync debug mode set to error
+    (after a first round that compiles the kernels and fills the table)."""
+    for rule, hp in [(sgd, sgd_hp(nesterov=True)), (adamw, adamw_hp(amsgrad=True))]:
+        kt = Kit([100003, 17, 1], rule, hp, "triton", groups=[0, 1, 1])
         loss = torch.tensor(1.0, device=DEV)
-        norm = torch.tensor(3.0, device=DEV)
         inv = torch.tensor(1 / 1024, device=DEV)                   # a GradScaler's 1 / scale
-        for unscale in (None, inv):                                  # compile outside the check
-            tri.check([bt], (loss,), ("g", "gy_new"), "gy_new", inv_scale=unscale)
-            for seg in bt.slab.segments:
-                tri.sampa_pre(bt, seg, rule, hp, 1, 0.1, norm)
-                tri.sampa_post(bt, seg, rule, hp, 1, 0.2, inv_scale=unscale)
-                tri.sam_perturb(bt, seg, 0.1, norm, inv_scale=unscale)
-                tri.sam_post(bt, seg, rule, hp, 1, inv_scale=unscale)
+        kt._refresh(1, rho=0.1, lam=0.2)
+        reps = [kt.rep]
+
+        def step(unscale):
+            checks = kt.update.check(reps, (loss, loss), ("g", "gy_new"), "gy_new", [unscale])
+            kt.update.sampa_pre(reps)
+            kt.update.sampa_post(reps, checks, [unscale])
+            kt.update.sam_save(reps)
+            kt.update.sam_perturb(reps, checks, [unscale])
+            kt.update.sam_post(reps, checks, [unscale])
+            return checks
+        for unscale in (None, inv):
+            step(unscale)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for unscale in (None, inv):
-                ok, sq = tri.check([bt], (loss, loss), ("g", "gy_new"), "gy_new", inv_scale=unscale)
-                for seg in bt.slab.segments:
-                    tri.sampa_pre(bt, seg, rule, hp, 1, 0.1, sq.sqrt())
-                    tri.sampa_post(bt, seg, rule, hp, 1, 0.2, inv_scale=unscale)
-                    tri.sam_perturb(bt, seg, 0.1, sq.sqrt(), inv_scale=unscale)
-                    tri.sam_post(bt, seg, rule, hp, 1, inv_scale=unscale)
+                (ok, _), = step(unscale)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert bool(ok)
@@ -830,9 +889,9 @@ def test_cuda_no_host_sync_in_backend_calls():
 @pytest.mark.slow
 def test_cuda_buffer_past_int32_elements():
     """Offsets are int64: the elements past 2^31 are updated too."""
-    from sampa_fused.kernels import default_config
-    from sampa_fused.kernels.perturb import perturb
-    from sampa_fused.kernels.reduce import check
+    import types
+    from sampa_fused.update.common import default_config, triton_perturb
+    from sampa_fused.update.table import ROW
     n = 2 ** 31 + 1000
     free, _ = torch.cuda.mem_get_info()
     if free < 3 * n * 2 + (1 << 30):
@@ -841,7 +900,10 @@ def test_cuda_buffer_past_int32_elements():
     g = torch.ones(n, dtype=torch.bfloat16, device=DEV)
     g[-7:] = 2.0
     norm = torch.tensor(1.0, device=DEV)
-    perturb(x, g, norm, 0.5, default_config(DEV))
+    row = torch.zeros(ROW, device=DEV)
+    row[0] = 0.5                                          # rho
+    triton_perturb(x, g, norm, row, default_config(DEV))
     assert x[-7:].float().tolist() == [1.0] * 7 and x[-8].item() == 0.5 and x[0].item() == 0.5
-    ok, sq = check([(g, [x])], (), DEV, default_config(DEV))
+    slab = types.SimpleNamespace(g=g, x=x)
+    ok, sq = triton_check([slab], (), ("x",), "g", None, DEV, default_config(DEV))
     assert bool(ok) and sq.item() == pytest.approx(n - 7 + 4 * 7, rel=1e-6)

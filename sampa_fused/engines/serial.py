@@ -4,39 +4,36 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
+from .base import Context, Engine, Gradients, check_one_device, union
 
 
-def check_one_device(opt, engine: str) -> torch.device:
-    devices = {b.x.device for b in opt._bufs}
-    if len(devices) != 1:
-        raise ValueError(f"the {engine} engine runs on one device, but the parameters are on "
-                         f"{sorted(map(str, devices))}; move the model to one device")
-    return devices.pop()
-
-
-class SerialEngine:
+class SerialEngine(Engine):
     name = "serial"
 
-    def __init__(self, opt):
-        self.opt = opt
-        self.device = check_one_device(opt, self.name)
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.device = check_one_device(ctx, self.name)
 
-    def sampa_gradients(self, held, batch):
-        opt = self.opt
-        for b in opt._bufs:
-            b.g.zero_()
-            b.gy_new.zero_()
-        loss_x = opt._forward_backward(opt.model, held, "x̃-pass")
-        ymodel = opt._ymodel
-        if ymodel.training != opt.model.training:
-            ymodel.train(opt.model.training)
-        with opt._user_params_frozen() if opt._t == 0 else contextlib.nullcontext():
-            loss_y = opt._forward_backward(ymodel, batch, "y-pass")
-        return loss_x, loss_y
+    def x_pass(self, held):
+        """gxt = grad f(xt, B_t) into g (the model holds xt)."""
+        ctx = self.ctx
+        ctx.primary.zero("g")
+        return ctx.run_pass(ctx.model, held, "x̃-pass", leaves=ctx.params)
 
-    def gradient(self, batch, which: str):
-        opt = self.opt
-        for b in opt._bufs:
-            b.g.zero_()
-        return opt._forward_backward(opt.model, batch, which)
+    def y_pass(self, batch):
+        """gy_{t+1} = grad f(y, B_{t+1}) into gy_new (y swapped into the model)."""
+        ctx = self.ctx
+        ctx.primary.zero("gy_new")
+        with ctx.y_pass() as model:
+            return ctx.run_pass(model, batch, "y-pass", leaves=ctx.y_leaves())
+
+    def sampa_gradients(self, held, batch) -> Gradients:
+        x = self.x_pass(held)
+        y = self.y_pass(batch)
+        return Gradients(x.loss, y.loss, x.outputs, union(x.got, y.got))
+
+    def gradient(self, batch, which: str, private_buffers: bool = False):
+        ctx = self.ctx
+        ctx.primary.zero("g")
+        with ctx.private_buffers() if private_buffers else contextlib.nullcontext():
+            return ctx.run_pass(ctx.model, batch, which, leaves=ctx.params)

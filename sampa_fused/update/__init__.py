@@ -1,0 +1,276 @@
+"""The elementwise work of a step, over every replica, slab and run.
+
+One module per base optimizer holds its math (`sgd.py`, `adamw.py`: host
+scalars, the torch reference, the Triton kernels); `generic.py` runs any
+other torch optimizer through its own `step()`; `common.py` holds what they
+share. This layer does the looping, so the optimizer reads as SPEC section 1:
+
+    sampa_pre    x_save <- x;  x <- xt = x + rho gy/(||gy|| + eps);  y <- peek(x, s, gy)
+    check        losses and gradients finite, and ||gy_new||^2 (||g||^2 for SAM)
+    sampa_post   where the step is accepted: x, s <- base_step(x_save, s, (1-lam) g + lam gy_new),
+                 gy <- gy_new; else x <- x_save (nothing else moves)
+    sam_save / sam_perturb / sam_post   the same for SAM's two sequential passes
+
+Every hyperparameter is read from the device table (`table.py`), every norm
+and flag from device memory: nothing here synchronises with the host.
+"""
+from __future__ import annotations
+
+from typing import FrozenSet, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _cuda
+from . import adamw, sgd
+from .common import (EPS, clip_coef, default_config, mix, perturbation, require_triton, torch_check,
+                     triton, triton_check, triton_perturb, unscaled, upcast)
+from .table import LAM, OML, RHO
+
+RULES = {torch.optim.SGD: sgd, torch.optim.AdamW: adamw}
+
+
+def rule_for(base: torch.optim.Optimizer):
+    """The module that reproduces `base` exactly, or None (generic path).
+    Subclasses may override step(), so only the exact classes qualify."""
+    if base.defaults.get("differentiable", False):
+        return None
+    return RULES.get(type(base))
+
+
+def backend_for(name: str, device: torch.device, dtypes) -> str:
+    """'torch' or 'triton' for a replica on `device` (a physical device)."""
+    wide = torch.float64 in set(dtypes)
+    if name == "auto":
+        return "triton" if device.type == "cuda" and not wide and triton is not None else "torch"
+    if name == "triton":
+        if wide:
+            raise ValueError("backend='triton' computes in fp32 and would round float64 parameters; "
+                             "use backend='torch' (backend='auto' does) for float64 models")
+        require_triton(device)
+        return "triton"
+    if name == "torch":
+        return "torch"
+    raise ValueError(f"unknown backend {name!r}: choose 'torch', 'triton' or 'auto'")
+
+
+class Update:
+    """The fused path (SGD, AdamW): one launch per run and stage."""
+
+    fused = True
+
+    def __init__(self, rule, flat, adaptive: bool = False, max_grad_norm: Optional[float] = None):
+        self.rule, self.flat = rule, flat
+        self.adaptive, self.max_grad_norm = adaptive, max_grad_norm
+        self._hps: List[dict] = []
+        self._flags: List[tuple] = []
+        self._cfgs: dict = {}
+
+    # ------------------------------------------------------------ per step
+    def refresh(self, hyper: Sequence[Tuple[dict, float, float]], replicas) -> tuple:
+        """Upload this step's rows (rho, lam and the rule's scalars per
+        (group, count)) to every replica's table. Returns the structure the
+        step's kernels depend on besides the values (a captured graph is
+        valid while it stays the same)."""
+        self._hps = [h for h, _, _ in hyper]
+        self._flags = [self.rule.flags(h) for h in self._hps]
+        rows = []
+        for g, count in self.flat.rows:
+            hp, rho, lam = hyper[g]
+            r = {RHO: rho, LAM: lam, OML: 1.0 - lam}
+            r.update(self.rule.row(hp, count))
+            rows.append([r.get(k, 0.0) for k in range(max(r) + 1)])
+        for rep in replicas:
+            with _cuda.on_device(rep.logical):
+                for table in rep.tables.values():
+                    table.upload(rows)
+        versions = tuple(t.version for rep in replicas for t in rep.tables.values())
+        return (tuple(self._flags), self.flat.structure(), versions, self.adaptive, self.max_grad_norm)
+
+    def uses_state(self) -> List[bool]:
+        return [self.rule.uses_state(h) for h in self._hps]
+
+    def state_names(self, group: int) -> List[str]:
+        return self.rule.state_names(self._hps[group])
+
+    # ------------------------------------------------------------ helpers
+    def _cfg(self, rep):
+        cfg = self._cfgs.get(rep.device)
+        if cfg is None:
+            cfg = self._cfgs[rep.device] = default_config(rep.device)
+        return cfg
+
+    def _each(self, replicas, inactive: Optional[FrozenSet[int]] = None):
+        """(replica, slab buffers, run, its row, its group's flags and state views)."""
+        runs = self.flat.runs(inactive)
+        for rep in replicas:
+            with _cuda.on_device(rep.logical):
+                for b, slab_runs in zip(rep.slabs, runs):
+                    table = rep.table(b.dtype)
+                    for run in slab_runs:
+                        g = self.flat.rows[run.row][0]
+                        sl = slice(run.start, run.end)
+                        state = {n: b.state[n][sl] for n in self.rule.state_names(self._hps[g])}
+                        yield rep, b, run, sl, table.row(run.row), self._flags[g], state
+
+    def _norm(self, rep, name: str, sq: torch.Tensor) -> torch.Tensor:
+        """||g|| for the perturbation: from the check's sum of squares, or
+        ||x * g|| for adaptive SAM (one extra reduction over the buffers)."""
+        if not self.adaptive:
+            return sq.sqrt()
+        total = torch.zeros((), dtype=torch.float32, device=rep.device)
+        for b in rep.slabs:
+            total += (upcast(b.x).float() * upcast(getattr(b, name)).float()).square().sum()
+        return total.sqrt()
+
+    # ------------------------------------------------------------ SAMPa
+    def sampa_pre(self, replicas) -> None:
+        """SPEC 1 steps 1-2 on every replica: x_save <- x, x <- xt, y <- peek."""
+        norms = {}
+        for rep in replicas:
+            with _cuda.on_device(rep.logical):
+                norms[id(rep)] = self._norm(rep, "gy", rep.gy_sq)
+        for rep, b, run, sl, h, fl, state in self._each(replicas):
+            norm = norms[id(rep)]
+            if rep.backend == "triton":
+                self.rule.triton_pre(b.x[sl], b.x_save[sl], b.y[sl], b.gy[sl], state, norm, h, fl,
+                                     self._cfg(rep), self.adaptive)
+                continue
+            x = b.x[sl]
+            b.x_save[sl].copy_(x)
+            xf, gy = upcast(x), upcast(b.gy[sl])
+            y, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
+            b.y[sl].copy_(y)
+            x.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
+
+    def check(self, replicas, losses: Sequence[torch.Tensor], grads: Sequence[str],
+              sq: Optional[str], invs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per replica (ok, sum of squares of the `sq` buffers), on its device."""
+        out = []
+        for rep, inv in zip(replicas, invs):
+            with _cuda.on_device(rep.logical):
+                losses = [_cuda.to_device(loss.detach(), rep.logical) for loss in losses]
+                if rep.backend == "triton":
+                    out.append(triton_check(rep.slabs, losses, grads, sq, inv, rep.device, self._cfg(rep)))
+                else:
+                    out.append(torch_check(rep.slabs, losses, grads, sq, inv, rep.device))
+        return out
+
+    def flags(self, rep, loss_ok: torch.Tensor, checks) -> torch.Tensor:
+        """[losses finite, the step's check passed] on `rep`'s device: what the
+        host reads once at the end of a step."""
+        with _cuda.on_device(rep.logical):
+            return torch.stack([_cuda.to_device(loss_ok, rep.logical).reshape(()),
+                                checks[0][0].reshape(())])
+
+    def finite(self, rep, *losses: torch.Tensor) -> torch.Tensor:
+        """All `losses` finite, on `rep`'s device."""
+        with _cuda.on_device(rep.logical):
+            ok = torch.ones((), dtype=torch.bool, device=rep.device)
+            for loss in losses:
+                ok = ok & torch.isfinite(_cuda.to_device(loss.detach(), rep.logical)).reshape(())
+            return ok
+
+    def _clip(self, rep, inv, mixing: bool, inactive) -> Optional[torch.Tensor]:
+        """clip_grad_norm_'s factor for the gradient the step uses, or None."""
+        if self.max_grad_norm is None:
+            return None
+        total = torch.zeros((), dtype=torch.float32, device=rep.device)
+        for r, b, run, sl, h, fl, state in self._each([rep], inactive):
+            if not run.active:
+                continue
+            g = unscaled(b.g[sl], inv)
+            if mixing:
+                g = mix(g, unscaled(b.gy_new[sl], inv), h)
+            total += g.float().square().sum()
+        return clip_coef(total.sqrt(), self.max_grad_norm)
+
+    def sampa_post(self, replicas, checks, invs, inactive: Optional[FrozenSet[int]] = None) -> None:
+        """SPEC 1 steps 4-6 where the step is accepted (each replica's `ok`
+        flag is read on the device); a refused step only restores x."""
+        self._post(replicas, checks, invs, inactive, mixing=True)
+        for rep, (ok, sq) in zip(replicas, checks):
+            with _cuda.on_device(rep.logical):
+                rep.gy_sq.copy_(torch.where(ok, sq, rep.gy_sq))
+
+    def _post(self, replicas, checks, invs, inactive, mixing: bool) -> None:
+        by_rep = {}
+        for rep, (ok, _), inv in zip(replicas, checks, invs):
+            with _cuda.on_device(rep.logical):
+                by_rep[id(rep)] = (ok, inv, self._clip(rep, inv, mixing, inactive))
+        for rep, b, run, sl, h, fl, state in self._each(replicas, inactive):
+            ok, inv, coef = by_rep[id(rep)]
+            if not run.active:              # no gradient in either pass: as torch, untouched
+                b.x[sl].copy_(b.x_save[sl])
+                if mixing:
+                    b.gy[sl].copy_(torch.where(ok, unscaled(b.gy_new[sl], inv), upcast(b.gy[sl])))
+                continue
+            if rep.backend == "triton":
+                self.rule.triton_post(b.x[sl], b.x_save[sl], b.g[sl], b.gy_new[sl] if mixing else None,
+                                      b.gy[sl] if mixing else None, state, inv, ok, coef, h, fl,
+                                      self._cfg(rep))
+                continue
+            g = unscaled(b.g[sl], inv)
+            if mixing:
+                gy_new = unscaled(b.gy_new[sl], inv)
+                g = mix(g, gy_new, h)
+            if coef is not None:
+                g = g * coef
+            x_save = upcast(b.x_save[sl])
+            x_new, st_new = self.rule.step(x_save, g, {k: upcast(v) for k, v in state.items()}, h, fl)
+            b.x[sl].copy_(torch.where(ok, x_new, x_save))
+            for n, v in st_new.items():
+                state[n].copy_(torch.where(ok, v, upcast(state[n])))
+            if mixing:
+                b.gy[sl].copy_(torch.where(ok, gy_new, upcast(b.gy[sl])))
+
+    def restore_x(self, replicas) -> None:
+        """x <- x_save on every replica (a step that raised)."""
+        for rep in replicas:
+            with _cuda.on_device(rep.logical):
+                for b in rep.slabs:
+                    b.x.copy_(b.x_save)
+
+    # ------------------------------------------------------------ SAM
+    def sam_save(self, replicas) -> None:
+        for rep in replicas:
+            with _cuda.on_device(rep.logical):
+                for b in rep.slabs:
+                    b.x_save.copy_(b.x)
+
+    def sam_perturb(self, replicas, checks, invs) -> None:
+        """x <- x + rho g / (||g|| + eps), ||g|| from the first pass's check."""
+        norms = {}
+        for rep, (_, sq), inv in zip(replicas, checks, invs):
+            with _cuda.on_device(rep.logical):
+                norms[id(rep)] = self._norm_sam(rep, sq, inv)
+        inv_of = {id(rep): inv for rep, inv in zip(replicas, invs)}
+        for rep, b, run, sl, h, fl, state in self._each(replicas):
+            norm, inv = norms[id(rep)], inv_of[id(rep)]
+            if rep.backend == "triton":
+                triton_perturb(b.x[sl], b.g[sl], norm, h, self._cfg(rep), inv, self.adaptive)
+                continue
+            x, g = b.x[sl], unscaled(b.g[sl], inv)
+            xf = upcast(x)
+            x.copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
+
+    def _norm_sam(self, rep, sq, inv):
+        if not self.adaptive:
+            return sq.sqrt()
+        total = torch.zeros((), dtype=torch.float32, device=rep.device)
+        for b in rep.slabs:
+            total += (upcast(b.x).float() * unscaled(b.g, inv).float()).square().sum()
+        return total.sqrt()
+
+    def sam_post(self, replicas, checks, invs, inactive: Optional[FrozenSet[int]] = None) -> None:
+        self._post(replicas, checks, invs, inactive, mixing=False)
+
+
+def make_update(base: torch.optim.Optimizer, flat, adaptive: bool, max_grad_norm):
+    rule = rule_for(base)
+    if rule is None:
+        from .generic import GenericUpdate
+        return GenericUpdate(base, flat, adaptive, max_grad_norm)
+    return Update(rule, flat, adaptive, max_grad_norm)
+
+
+__all__ = ["Update", "make_update", "rule_for", "backend_for", "RULES", "EPS"]

@@ -1,0 +1,193 @@
+"""torch.optim.AdamW (decoupled weight decay, bias correction, amsgrad,
+maximize): its hyperparameters as device scalars, the torch reference update,
+and the Triton kernels, side by side.
+
+The op order follows torch.optim.AdamW's single-tensor step, t = count + 1:
+    x = x (1 - lr wd);  m = lerp(m, g, 1 - b1);  v = b2 v + (1 - b2) g^2
+    [vmax = max(vmax, v)];  denom = sqrt(v or vmax) / sqrt(1 - b2^t) + eps
+    x = x - lr / (1 - b1^t) * m / denom
+Bias corrections are computed on the host in double, as torch does.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from .common import check_number, device_scalar, launch, triton
+from .table import RULE
+
+NAME = "adamw"
+OPTIMIZER = torch.optim.AdamW
+DECAY, W, B2, OMB2, STEP_SIZE, BC2, EPS_ = range(RULE, RULE + 7)     # row slots
+
+
+# ------------------------------------------------------------------ host
+def hyper(group: dict, where: str) -> dict:
+    betas = group.get("betas")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair of numbers, got {betas!r}")
+    return dict(lr=check_number(group, "lr", where),
+                beta1=check_number(group, "beta1", where, betas[0]),
+                beta2=check_number(group, "beta2", where, betas[1]),
+                eps=check_number(group, "eps", where), weight_decay=check_number(group, "weight_decay", where),
+                amsgrad=bool(group["amsgrad"]), maximize=bool(group.get("maximize", False)))
+
+
+def state_names(hp: dict) -> List[str]:
+    return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
+
+
+def uses_state(hp: dict) -> bool:
+    return True
+
+
+def flags(hp: dict) -> Tuple[bool, ...]:
+    # torch.lerp picks its formula by the weight (w = 1 - beta1) for accuracy.
+    return (hp["amsgrad"], hp["maximize"], hp["weight_decay"] != 0, abs(1.0 - hp["beta1"]) < 0.5)
+
+
+def row(hp: dict, count: int) -> Dict[int, float]:
+    t = count + 1
+    lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
+    return {DECAY: 1 - lr * hp["weight_decay"], W: 1 - b1, B2: b2, OMB2: 1 - b2,
+            STEP_SIZE: lr / (1 - b1 ** t), BC2: (1 - b2 ** t) ** 0.5, EPS_: hp["eps"]}
+
+
+# ------------------------------------------------------------------ torch
+def step(x: torch.Tensor, g: torch.Tensor, state: Dict[str, torch.Tensor], h: torch.Tensor,
+         fl: Tuple[bool, ...]):
+    """One step from (x, state) with gradient g, out of place (also the peek)."""
+    amsgrad, maximize, weight_decay, _ = fl
+    if maximize:
+        g = -g
+    if weight_decay:
+        x = x * h[DECAY]
+    m = torch.lerp(state["exp_avg"].to(g.dtype), g, h[W])
+    v = state["exp_avg_sq"].to(g.dtype) * h[B2] + h[OMB2] * g * g
+    new = {"exp_avg": m, "exp_avg_sq": v}
+    if amsgrad:
+        v = torch.maximum(state["max_exp_avg_sq"].to(g.dtype), v)
+        new["max_exp_avg_sq"] = v
+    denom = v.sqrt() / h[BC2] + h[EPS_]
+    return x - h[STEP_SIZE] * (m / denom), new
+
+
+# ------------------------------------------------------------------ Triton
+if triton is not None:
+    import triton.language as tl
+
+    from .common import post_gradient, store_pre
+
+    _DECAY, _W, _B2, _OMB2, _STEP, _BC2, _EPS = (tl.constexpr(v) for v in
+                                                 (DECAY, W, B2, OMB2, STEP_SIZE, BC2, EPS_))
+
+    @triton.jit
+    def _adamw_math(x, g, m, v, vmax, hp_ptr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    WEIGHT_DECAY: tl.constexpr, LERP_SMALL: tl.constexpr):
+        # One torch.optim.AdamW step in fp32; returns (x, m, v, vmax).
+        if MAXIMIZE:
+            g = -g
+        if WEIGHT_DECAY:
+            x = x * tl.load(hp_ptr + _DECAY)
+        w = tl.load(hp_ptr + _W)
+        if LERP_SMALL:
+            m = m + w * (g - m)
+        else:
+            m = g - (g - m) * (1.0 - w)
+        v = v * tl.load(hp_ptr + _B2) + tl.load(hp_ptr + _OMB2) * g * g
+        bc2 = tl.load(hp_ptr + _BC2)
+        if AMSGRAD:
+            vmax = tl.maximum(vmax, v)
+            denom = tl.div_rn(tl.sqrt_rn(vmax), bc2) + tl.load(hp_ptr + _EPS)
+        else:
+            denom = tl.div_rn(tl.sqrt_rn(v), bc2) + tl.load(hp_ptr + _EPS)
+        x = x - tl.load(hp_ptr + _STEP) * tl.div_rn(m, denom)
+        return x, m, v, vmax
+
+    @triton.jit
+    def _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD: tl.constexpr):
+        """exp_avg, exp_avg_sq and (amsgrad) max_exp_avg_sq in fp32; without
+        amsgrad vmax is a stand-in that _adamw_math does not use."""
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+        vmax = v
+        if AMSGRAD:
+            vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+        return m, v, vmax
+
+    @triton.jit
+    def adamw_pre_kernel(x_ptr, x_save_ptr, y_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, norm_ptr, hp_ptr,
+                         n, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                         LERP_SMALL: tl.constexpr, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
+        """x_save <- x; y <- peek(x, state, gy) (state untouched); x <- xt."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x_raw = tl.load(x_ptr + offs, mask=mask)
+        x = x_raw.to(tl.float32)
+        gy = tl.load(gy_ptr + offs, mask=mask).to(tl.float32)
+        m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
+        y, _m, _v, _vmax = _adamw_math(x, gy, m, v, vmax, hp_ptr, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
+                                       LERP_SMALL)
+        store_pre(x_ptr, x_save_ptr, y_ptr, norm_ptr, hp_ptr, offs, mask, x_raw, x, gy, y, ADAPTIVE)
+
+    @triton.jit
+    def adamw_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr,
+                          inv_ptr, ok_ptr, coef_ptr, hp_ptr, n, MIX: tl.constexpr,
+                          UNSCALE: tl.constexpr, CLIP: tl.constexpr, AMSGRAD: tl.constexpr,
+                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, LERP_SMALL: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """x, state <- step(x_save, state, g) [and gy <- gy_new] where the step
+        is accepted (*ok_ptr); else x <- x_save and nothing else is written."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        ok = tl.load(ok_ptr) != 0
+        x_raw = tl.load(x_save_ptr + offs, mask=mask)
+        x = x_raw.to(tl.float32)
+        g = post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, coef_ptr, hp_ptr, offs, mask, ok,
+                          MIX, UNSCALE, CLIP)
+        m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
+        x, m, v, vmax = _adamw_math(x, g, m, v, vmax, hp_ptr, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
+                                    LERP_SMALL)
+        upd = mask & ok
+        tl.store(x_ptr + offs, tl.where(ok, x.to(x_ptr.dtype.element_ty), x_raw), mask=mask)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=upd)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=upd)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, vmax.to(vmax_ptr.dtype.element_ty), mask=upd)
+
+
+def _moments(state: dict, amsgrad: bool):
+    try:
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        return m, v, (state["max_exp_avg_sq"] if amsgrad else v)
+    except KeyError as e:
+        raise ValueError(f"adamw kernels: missing state buffer {e.args[0]!r}") from None
+
+
+def _meta(fl, cfg) -> dict:
+    return dict(AMSGRAD=fl[0], MAXIMIZE=fl[1], WEIGHT_DECAY=fl[2], LERP_SMALL=fl[3],
+                BLOCK=cfg.block, num_warps=cfg.num_warps)
+
+
+def triton_pre(x, x_save, y, gy, state, norm, hp, fl, cfg, adaptive: bool = False) -> None:
+    norm = device_scalar(norm, "norm", x)
+    n = x.numel()
+    if n:
+        m, v, vmax = _moments(state, fl[0])
+        launch(adamw_pre_kernel, triton.cdiv(n, cfg.block), (x, x_save, y, gy, m, v, vmax, norm, hp, n),
+               dict(ADAPTIVE=adaptive, **_meta(fl, cfg)), writes=(0, 1, 2))
+
+
+def triton_post(x, x_save, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
+    inv, coef = device_scalar(inv, "inv_scale", x), device_scalar(coef, "coef", x)
+    ok = device_scalar(ok, "ok", x, torch.bool)
+    n = x.numel()
+    if n:
+        m, v, vmax = _moments(state, fl[0])
+        mix = gy_new is not None
+        launch(adamw_post_kernel, triton.cdiv(n, cfg.block),
+               (x, x_save, g, gy_new if mix else g, gy if mix else g, m, v, vmax,
+                g if inv is None else inv, ok, g if coef is None else coef, hp, n),
+               dict(MIX=mix, UNSCALE=inv is not None, CLIP=coef is not None, **_meta(fl, cfg)),
+               writes=(0, 4, 5, 6, 7) if mix else (0, 5, 6, 7))

@@ -1,0 +1,181 @@
+"""The y-pass runs on the user's own module: for the duration of the pass the
+module's slots of the optimized parameters hold the y leaves (views of the
+flat y buffer whose gradients land in gy_new), and its buffers are private
+copies, as `torch.func.functional_call` swaps them. Hooks, wrappers
+(`model.forward` replaced after construction, accelerate's autocast),
+train/eval and frozen weights are then always the user's, and buffer updates
+of the y-pass (batch-norm statistics) are never written back.
+
+Engines that run the y-pass on another device keep a replica of the model
+(`ModelReplica`), synced every step.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import _cuda
+
+
+class PrivateBuffers:
+    """Private copies of a module's buffers, refreshed from the module's
+    current values before each pass that uses them."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._modules = list(model.modules())
+        self._copies: Dict[Tuple[int, str], torch.Tensor] = {}
+
+    def sync(self) -> None:
+        """Copy the module's buffers into the private ones (queued on the
+        current stream, before the passes fork)."""
+        dst, src = [], []
+        for m in self._modules:
+            for n, t in m._buffers.items():
+                if t is None:
+                    continue
+                key = (id(m), n)
+                c = self._copies.get(key)
+                if c is None or c.shape != t.shape or c.dtype != t.dtype or c.device != t.device:
+                    self._copies[key] = t.detach().clone()
+                else:
+                    dst.append(c)
+                    src.append(t)
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+    def slots(self) -> List[Tuple[nn.Module, str, torch.Tensor]]:
+        return [(m, n, self._copies[(id(m), n)]) for m in self._modules for n, t in m._buffers.items()
+                if t is not None and (id(m), n) in self._copies]
+
+
+@contextlib.contextmanager
+def swapped(params: Sequence[Tuple[nn.Module, str, torch.Tensor]],
+            buffers: Sequence[Tuple[nn.Module, str, torch.Tensor]] = ()):
+    """Put tensors into module slots for the block; the originals come back
+    after it (also what the block assigned to those slots is discarded)."""
+    saved_p = [(m, n, m._parameters[n]) for m, n, _ in params]
+    saved_b = [(m, n, m._buffers[n]) for m, n, _ in buffers]
+    try:
+        for m, n, t in params:
+            m._parameters[n] = t
+        for m, n, t in buffers:
+            m._buffers[n] = t
+        yield
+    finally:
+        for m, n, t in saved_p:
+            m._parameters[n] = t
+        for m, n, t in saved_b:
+            m._buffers[n] = t
+
+
+class YPass:
+    """The y leaves of the optimized parameters and where they go in the
+    user's module."""
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], buffers: PrivateBuffers):
+        self.model = model
+        self.params = list(params)
+        self.buffers = buffers
+        self.leaves: List[nn.Parameter] = []
+        self._slots: List[Tuple[nn.Module, str, torch.Tensor]] = []
+        self._flags: tuple = ()
+
+    def bind(self, slabs, y_name: str = "y", g_name: str = "gy_new") -> None:
+        """y leaves as views of the replica's y buffers, their gradients as
+        views of gy_new (again after a relayout)."""
+        self.leaves = [None] * len(self.params)
+        for b in slabs:
+            ys, gs = b.slab.views(getattr(b, y_name)), b.slab.views(getattr(b, g_name))
+            for k, i in enumerate(b.slab.index):
+                leaf = nn.Parameter(ys[k], requires_grad=True)
+                leaf.grad = gs[k]
+                self.leaves[i] = leaf
+        self._grads = [leaf.grad for leaf in self.leaves]
+        self._flags = ()
+
+    def _refresh_slots(self) -> None:
+        """Slots of the parameters that train now (requires_grad); frozen ones
+        keep the user's values, as torch's peek would (their grad is None)."""
+        flags = tuple(p.requires_grad for p in self.params)
+        if flags == self._flags:
+            return
+        index = {id(p): i for i, p in enumerate(self.params) if p.requires_grad}
+        self._slots = [(m, n, self.leaves[index[id(p)]]) for m in self.model.modules()
+                       for n, p in m._parameters.items() if p is not None and id(p) in index]
+        self._flags = flags
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The user's module holding y and private buffers for the block."""
+        self._refresh_slots()
+        for leaf, g in zip(self.leaves, self._grads):
+            if leaf.grad is not g:         # something dropped or replaced it: rebind
+                leaf.grad = g
+        with swapped(self._slots, self.buffers.slots()):
+            yield self.model
+
+
+class ModelReplica:
+    """A copy of the model on another device whose optimized parameters are
+    views of that device's y buffer (their gradients of gy_new). The other
+    parameters and the buffers follow the user's model at every step."""
+
+    def __init__(self, model: nn.Module, device: torch.device, where: str):
+        try:
+            self.module = _cuda.move_module(copy.deepcopy(model), device)
+        except Exception as e:
+            raise TypeError(f"SAMPa needs a copy of the model for the y-pass {where}, and "
+                            f"copy.deepcopy(model) failed: {e}") from e
+        for p in self.module.parameters():
+            p.grad = None
+        self.model, self.device, self.where = model, device, where
+        self.params: List[nn.Parameter] = []
+        self._follow: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def rebind(self, names: Sequence[str]) -> None:
+        """The replica's parameters for the optimized names (again after a relayout)."""
+        named = dict(self.module.named_parameters(remove_duplicate=True))
+        try:
+            self.params = [named[n] for n in names]
+        except KeyError as e:
+            raise RuntimeError(f"parameter {e} is not in the replica of the model made at "
+                               "construction; modules added to the model later are not supported "
+                               f"by the engine that runs the y-pass {self.where}") from None
+        ours = set(names)
+        self._follow = [(named[n], p) for n, p in self.model.named_parameters(remove_duplicate=True)
+                        if n not in ours]
+
+    def bind(self, slabs) -> None:
+        with torch.no_grad():
+            for b in slabs:
+                b.slab.bind_data(self.params, b.y)
+                b.slab.bind_grad(self.params, b.gy_new)
+        for q in self.params:
+            q.requires_grad_(True)
+
+    def sync(self) -> None:
+        """The user's current buffers, modes and other parameters (frozen, or
+        trained by another optimizer) into the replica."""
+        dst, src = [], []
+        for m, r in zip(self.model.modules(), self.module.modules()):
+            r.training = m.training
+            for n, t in m._buffers.items():
+                rt = r._buffers.get(n)
+                if t is None or rt is None:
+                    continue
+                if rt.shape != t.shape or rt.dtype != t.dtype:
+                    r._buffers[n] = _cuda.to_device(t.detach().clone(), self.device)
+                else:
+                    dst.append(rt)
+                    src.append(t)
+        for q, p in self._follow:
+            dst.append(q.data)
+            src.append(p.data)
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
