@@ -10,7 +10,11 @@
 //   memcpy_async(dst, src, stream)  a plain cudaMemcpy(Peer)Async, for benchmarks
 //
 // Streams cross the boundary as their raw handles (torch.cuda.Stream.cuda_stream);
-// -1 means "the current torch stream of the device concerned".
+// -1 means "the current torch stream of the device concerned". 0 is the
+// device's default stream (torch's default stream has handle 0), ordered like
+// any other: there is no handle meaning "no stream".
+
+#include "sampa_fused.h"
 
 #include <torch/extension.h>
 
@@ -27,24 +31,8 @@
 namespace py = pybind11;
 
 // ---------------------------------------------------------------- CUDA part
-// Implemented in sampa_fused_cuda.cu for CUDA builds; the CPU build defines
-// them below as functions that refuse clearly. Keep the two lists identical
-// (tests/test_extension.py compares the symbols).
-namespace sampa_cuda {
-struct LinkImpl;
-int device_count();
-bool can_access_peer(int a, int b);
-bool enable_peer_access(int a, int b);
-std::shared_ptr<LinkImpl> link_create(int src, int dst, void* src_stream, void* dst_stream,
-                                      bool staged, int64_t staging_bytes);
-int link_mode(const LinkImpl& link);
-int64_t link_slot_bytes(const LinkImpl& link);
-void link_begin(LinkImpl& link, void* reader_stream);
-void link_copy(LinkImpl& link, void* dst, const void* src, int64_t nbytes, void* producer_stream);
-void link_finish(LinkImpl& link, void* consumer_stream, void* owner_stream);
-void memcpy_async(void* dst, int dst_device, const void* src, int src_device, int64_t nbytes,
-                  void* stream);
-}  // namespace sampa_cuda
+// Declared in sampa_fused.h, implemented in sampa_fused_cuda.cu for CUDA
+// builds; the CPU build defines them below as functions that refuse clearly.
 
 [[noreturn]] static void no_cuda() {
   throw std::runtime_error(
@@ -58,18 +46,20 @@ void memcpy_async(void* dst, int dst_device, const void* src, int src_device, in
 static constexpr bool kHasCuda = true;
 #else
 static constexpr bool kHasCuda = false;
-namespace sampa_cuda {
-int device_count() { return 0; }
-bool can_access_peer(int, int) { no_cuda(); }
-bool enable_peer_access(int, int) { no_cuda(); }
-std::shared_ptr<LinkImpl> link_create(int, int, void*, void*, bool, int64_t) { no_cuda(); }
-int link_mode(const LinkImpl&) { no_cuda(); }
-int64_t link_slot_bytes(const LinkImpl&) { no_cuda(); }
-void link_begin(LinkImpl&, void*) { no_cuda(); }
-void link_copy(LinkImpl&, void*, const void*, int64_t, void*) { no_cuda(); }
-void link_finish(LinkImpl&, void*, void*) { no_cuda(); }
-void memcpy_async(void*, int, const void*, int, int64_t, void*) { no_cuda(); }
-}  // namespace sampa_cuda
+// Qualified definitions: one that does not match sampa_fused.h does not compile.
+int sampa_cuda::device_count() { return 0; }
+bool sampa_cuda::can_access_peer(int, int) { no_cuda(); }
+bool sampa_cuda::enable_peer_access(int, int) { no_cuda(); }
+std::shared_ptr<sampa_cuda::LinkImpl> sampa_cuda::link_create(int, int, void*, void*, bool,
+                                                              int64_t) {
+  no_cuda();
+}
+int sampa_cuda::link_mode(const LinkImpl&) { no_cuda(); }
+int64_t sampa_cuda::link_slot_bytes(const LinkImpl&) { no_cuda(); }
+void sampa_cuda::link_begin(LinkImpl&, void*) { no_cuda(); }
+void sampa_cuda::link_copy(LinkImpl&, void*, const void*, int64_t, void*) { no_cuda(); }
+void sampa_cuda::link_finish(LinkImpl&, void*, void*) { no_cuda(); }
+void sampa_cuda::memcpy_async(void*, int, const void*, int, int64_t, void*) { no_cuda(); }
 #endif
 
 namespace {

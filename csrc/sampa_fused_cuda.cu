@@ -3,9 +3,10 @@
 //
 // Only the CUDA runtime API is used here, no torch headers: this file compiles
 // in a few seconds with a bare nvcc, so CI can check it on machines without a
-// GPU or a CUDA build of torch. Tensors are checked and turned into pointers
-// in sampa_fused.cpp; the declarations below must match the ones there (a
-// test compares the symbols of both).
+// GPU or a CUDA build of torch, and so tests/test_cuda_ordering.py can link
+// it against a stub runtime that checks the stream ordering. Tensors are
+// checked and turned into pointers in sampa_fused.cpp; the API is declared in
+// sampa_fused.h and defined here with qualified names, so the two cannot drift.
 //
 // Ordering model (one PeerLink per direction src -> dst):
 //   begin(reader)      copies that write dst wait until `reader` (a stream on
@@ -19,6 +20,8 @@
 // Events are reused: a stream wait captures the event's most recent record
 // at the time of the wait, so recording the same event again later is safe.
 
+#include "sampa_fused.h"
+
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -30,9 +33,6 @@
 #include <utility>
 
 namespace sampa_cuda {
-
-struct LinkImpl;
-
 namespace {
 
 std::string dev_name(int d) { return "cuda:" + std::to_string(d); }
@@ -102,8 +102,9 @@ constexpr int kModePeer = 1;    // peer-to-peer copy over NVLink / PCIe
 constexpr int kModeStaged = 2;  // through pinned host memory, double-buffered
 
 }  // namespace
+}  // namespace sampa_cuda
 
-int device_count() {
+int sampa_cuda::device_count() {
   int n = 0;
   cudaError_t err = cudaGetDeviceCount(&n);
   if (err != cudaSuccess) {
@@ -113,7 +114,7 @@ int device_count() {
   return n;
 }
 
-bool can_access_peer(int a, int b) {
+bool sampa_cuda::can_access_peer(int a, int b) {
   check_device_index(a, "first");
   check_device_index(b, "second");
   if (a == b) return true;
@@ -125,7 +126,7 @@ bool can_access_peer(int a, int b) {
   return ab && ba;
 }
 
-bool enable_peer_access(int a, int b) {
+bool sampa_cuda::enable_peer_access(int a, int b) {
   if (!can_access_peer(a, b)) return false;
   if (a == b) return true;
   std::lock_guard<std::mutex> lock(g_peer_mutex);
@@ -144,7 +145,7 @@ bool enable_peer_access(int a, int b) {
   return true;
 }
 
-struct LinkImpl {
+struct sampa_cuda::LinkImpl {
   int src = 0, dst = 0, mode = kModeDevice;
   cudaStream_t src_stream = nullptr;  // on src: peer / device copies, staged device-to-host
   cudaStream_t dst_stream = nullptr;  // on dst: staged host-to-device
@@ -183,8 +184,9 @@ struct LinkImpl {
   }
 };
 
-std::shared_ptr<LinkImpl> link_create(int src, int dst, void* src_stream, void* dst_stream,
-                                      bool staged, int64_t staging_bytes) {
+std::shared_ptr<sampa_cuda::LinkImpl> sampa_cuda::link_create(int src, int dst, void* src_stream,
+                                                              void* dst_stream, bool staged,
+                                                              int64_t staging_bytes) {
   check_device_index(src, "source");
   check_device_index(dst, "destination");
   auto link = std::make_shared<LinkImpl>();
@@ -226,11 +228,11 @@ std::shared_ptr<LinkImpl> link_create(int src, int dst, void* src_stream, void* 
   return link;
 }
 
-int link_mode(const LinkImpl& link) { return link.mode; }
+int sampa_cuda::link_mode(const LinkImpl& link) { return link.mode; }
 
-int64_t link_slot_bytes(const LinkImpl& link) { return link.slot_bytes; }
+int64_t sampa_cuda::link_slot_bytes(const LinkImpl& link) { return link.slot_bytes; }
 
-void link_begin(LinkImpl& link, void* reader_stream) {
+void sampa_cuda::link_begin(LinkImpl& link, void* reader_stream) {
   std::lock_guard<std::mutex> lock(link.mutex);
   auto reader = static_cast<cudaStream_t>(reader_stream);
   // The stream that writes dst: the copy stream, or the host-to-device stream.
@@ -243,7 +245,8 @@ void link_begin(LinkImpl& link, void* reader_stream) {
                    "ordering the " + link.where(0) + " after the readers of the destination");
 }
 
-void link_copy(LinkImpl& link, void* dst, const void* src, int64_t nbytes, void* producer_stream) {
+void sampa_cuda::link_copy(LinkImpl& link, void* dst, const void* src, int64_t nbytes,
+                           void* producer_stream) {
   if (nbytes <= 0) return;
   std::lock_guard<std::mutex> lock(link.mutex);
   auto producer = static_cast<cudaStream_t>(producer_stream);
@@ -298,7 +301,7 @@ void link_copy(LinkImpl& link, void* dst, const void* src, int64_t nbytes, void*
   }
 }
 
-void link_finish(LinkImpl& link, void* consumer_stream, void* owner_stream) {
+void sampa_cuda::link_finish(LinkImpl& link, void* consumer_stream, void* owner_stream) {
   std::lock_guard<std::mutex> lock(link.mutex);
   {
     DeviceScope scope(link.src);
@@ -326,8 +329,8 @@ void link_finish(LinkImpl& link, void* consumer_stream, void* owner_stream) {
   }
 }
 
-void memcpy_async(void* dst, int dst_device, const void* src, int src_device, int64_t nbytes,
-                  void* stream) {
+void sampa_cuda::memcpy_async(void* dst, int dst_device, const void* src, int src_device,
+                              int64_t nbytes, void* stream) {
   if (nbytes <= 0) return;
   DeviceScope scope(src_device);
 #define SAMPA_PLAIN_WHAT                                                              \
@@ -345,5 +348,3 @@ void memcpy_async(void* dst, int dst_device, const void* src, int src_device, in
   }
 #undef SAMPA_PLAIN_WHAT
 }
-
-}  // namespace sampa_cuda

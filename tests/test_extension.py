@@ -155,7 +155,8 @@ def cuda_object(tmp_path_factory):
     obj = tmp_path_factory.mktemp("nvcc") / "sampa_fused_cuda.o"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [nvcc, "-std=c++17", "-O2", "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           "-c", str(ROOT / "csrc" / "sampa_fused_cuda.cu"), "-o", str(obj)]
+           "-I", str(ROOT / "csrc"), "-c", str(ROOT / "csrc" / "sampa_fused_cuda.cu"),
+           "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"nvcc failed on csrc/sampa_fused_cuda.cu:\n{res.stderr[-4000:]}"
     return obj
@@ -165,16 +166,32 @@ def test_cuda_source_compiles(cuda_object):
     assert cuda_object.stat().st_size > 0
 
 
-def test_cuda_source_defines_what_the_bindings_call(C, cuda_object):
-    """The bindings declare the CUDA functions themselves (two files, no shared
-    header): every one they need must be defined, with the same signature, by
-    the .cu file, or a CUDA build would fail to load with an undefined symbol."""
+def test_cuda_source_and_bindings_define_the_same_api(C, cuda_object):
+    """Both csrc files define the API of csrc/sampa_fused.h with qualified
+    names, so a definition that differs from the header does not compile. What
+    the compiler cannot see is a function defined by one file and not the other
+    (a CUDA build would then fail to link or to import): compare the functions
+    of namespace sampa_cuda that the built extension defines (the CPU build's
+    refusals, or the .cu's own in a CUDA build) with those of the .cu."""
     if shutil.which("nm") is None:
         pytest.skip("nm (binutils) not found")
-    needed = _symbols(C.__file__)
-    assert len(needed) >= 10, needed           # the declared list, stubbed or real
-    missing = needed - _symbols(cuda_object)
-    assert not missing, f"declared in csrc/sampa_fused.cpp, not defined in the .cu: {missing}"
+    ext_api, cu_api = _symbols(C.__file__), _symbols(cuda_object)
+    assert len(cu_api) >= 10, cu_api
+    assert ext_api == cu_api, (
+        f"only in the extension (csrc/sampa_fused.cpp): {sorted(ext_api - cu_api)}; "
+        f"only in csrc/sampa_fused_cuda.cu: {sorted(cu_api - ext_api)}")
+
+
+def test_csrc_files_share_the_header():
+    """The API is declared once, in csrc/sampa_fused.h, which must stay free of
+    torch and CUDA headers (the CPU build and the ordering test include it)."""
+    header = (ROOT / "csrc" / "sampa_fused.h").read_text()
+    includes = re.findall(r"^\s*#\s*include\s*[<\"]([^>\"]+)", header, re.M)
+    assert includes and not [i for i in includes if "torch" in i or "cuda" in i or "c10" in i], \
+        includes
+    for name in ("sampa_fused.cpp", "sampa_fused_cuda.cu"):
+        src = (ROOT / "csrc" / name).read_text()
+        assert re.search(r'^#include "sampa_fused.h"', src, re.M), f"{name} does not include it"
 
 
 # ---------------------------------------------------------------- setup.py
