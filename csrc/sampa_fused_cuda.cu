@@ -19,6 +19,10 @@
 //                      the copies have read src, so it may overwrite it
 // Events are reused: a stream wait captures the event's most recent record
 // at the time of the wait, so recording the same event again later is safe.
+// Every stream argument is recorded on or waited on unconditionally: nullptr
+// is the legacy default stream of the device concerned (torch's default
+// stream), and each is used under a DeviceScope of that device so that null
+// resolves to the right device's default stream.
 
 #include "sampa_fused.h"
 
@@ -235,12 +239,19 @@ int64_t sampa_cuda::link_slot_bytes(const LinkImpl& link) { return link.slot_byt
 void sampa_cuda::link_begin(LinkImpl& link, void* reader_stream) {
   std::lock_guard<std::mutex> lock(link.mutex);
   auto reader = static_cast<cudaStream_t>(reader_stream);
-  // The stream that writes dst: the copy stream, or the host-to-device stream.
-  cudaStream_t writer = link.mode == kModeStaged ? link.dst_stream : link.src_stream;
-  DeviceScope scope(link.dst);
-  SAMPA_CUDA_CHECK(cudaEventRecord(link.read_done, reader),
-                   "ordering the " + link.where(0) + " after the readers of the destination "
-                   "(the reader stream must belong to " + dev_name(link.dst) + ")");
+  // The stream that writes dst: the copy stream (on src), or the host-to-device
+  // stream (on dst).
+  const bool staged = link.mode == kModeStaged;
+  cudaStream_t writer = staged ? link.dst_stream : link.src_stream;
+  {
+    DeviceScope scope(link.dst);  // a null reader is dst's default stream
+    SAMPA_CUDA_CHECK(cudaEventRecord(link.read_done, reader),
+                     "ordering the " + link.where(0) + " after the readers of the destination "
+                     "(the reader stream must belong to " + dev_name(link.dst) + ")");
+  }
+  // Waited on from the writer's own device: a null writer is that device's
+  // default stream, not the current one's.
+  DeviceScope scope(staged ? link.dst : link.src);
   SAMPA_CUDA_CHECK(cudaStreamWaitEvent(writer, link.read_done, 0),
                    "ordering the " + link.where(0) + " after the readers of the destination");
 }
@@ -303,30 +314,28 @@ void sampa_cuda::link_copy(LinkImpl& link, void* dst, const void* src, int64_t n
 
 void sampa_cuda::link_finish(LinkImpl& link, void* consumer_stream, void* owner_stream) {
   std::lock_guard<std::mutex> lock(link.mutex);
+  // Both waits always happen: a null handle is the device's default stream
+  // (torch's default stream), which torch's non-blocking side streams, and so
+  // the copy streams, do not synchronise with implicitly.
   {
     DeviceScope scope(link.src);
     SAMPA_CUDA_CHECK(cudaEventRecord(link.src_done, link.src_stream),
                      "completing the " + link.where(0));
-    if (owner_stream != nullptr) {
-      SAMPA_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(owner_stream),
-                                           link.src_done, 0),
-                       "ordering the source's owner stream after the " + link.where(0) +
-                           " (it must belong to " + dev_name(link.src) + ")");
-    }
+    SAMPA_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(owner_stream), link.src_done,
+                                         0),
+                     "ordering the source's owner stream after the " + link.where(0) +
+                         " (it must belong to " + dev_name(link.src) + ")");
   }
+  DeviceScope scope(link.dst);
   cudaEvent_t landed = link.src_done;
   if (link.mode == kModeStaged) {
-    DeviceScope scope(link.dst);
     SAMPA_CUDA_CHECK(cudaEventRecord(link.dst_done, link.dst_stream),
                      "completing the " + link.where(0));
     landed = link.dst_done;
   }
-  if (consumer_stream != nullptr) {
-    DeviceScope scope(link.dst);
-    SAMPA_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(consumer_stream), landed, 0),
-                     "ordering the consumer stream after the " + link.where(0) +
-                         " (it must belong to " + dev_name(link.dst) + ")");
-  }
+  SAMPA_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(consumer_stream), landed, 0),
+                   "ordering the consumer stream after the " + link.where(0) +
+                       " (it must belong to " + dev_name(link.dst) + ")");
 }
 
 void sampa_cuda::memcpy_async(void* dst, int dst_device, const void* src, int src_device,
