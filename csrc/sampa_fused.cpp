@@ -1,7 +1,7 @@
-// sampa_fused._C: Python bindings and the CPU parts of the extension.
+// sampa_fused._C: Python bindings of the CUDA part (sampa_fused_cuda.cu), and
+// clear refusals where it is not built. (The flat-buffer layout runs once at
+// set-up: it is Python, sampa_fused.flat.plan_layout.)
 //
-//   plan_layout(numels, keys, aligns) -> (slab_ids, offsets, slab_sizes)
-//       the flat-buffer layout, same semantics as flat.plan_layout_py
 //   has_cuda() -> bool            built with the CUDA part (sampa_fused_cuda.cu)
 //   device_count(), can_access_peer(a, b), enable_peer_access(a, b)
 //   PeerLink(src, dst, src_stream, dst_stream, staged, staging_bytes)
@@ -24,9 +24,6 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <tuple>
-#include <unordered_map>
-#include <vector>
 
 namespace py = pybind11;
 
@@ -63,37 +60,6 @@ void sampa_cuda::memcpy_async(void*, int, const void*, int, int64_t, void*) { no
 #endif
 
 namespace {
-
-// ------------------------------------------------------------------ layout
-std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>> plan_layout(
-    const std::vector<int64_t>& numels, const std::vector<int64_t>& keys,
-    const std::vector<int64_t>& aligns) {
-  if (numels.size() != keys.size() || numels.size() != aligns.size()) {
-    throw py::value_error("plan_layout: numels, keys and aligns must have the same length, got " +
-                          std::to_string(numels.size()) + ", " + std::to_string(keys.size()) +
-                          " and " + std::to_string(aligns.size()));
-  }
-  std::unordered_map<int64_t, int64_t> slab_of_key;
-  std::vector<int64_t> sizes, slab_ids, offsets;
-  slab_ids.reserve(numels.size());
-  offsets.reserve(numels.size());
-  for (size_t i = 0; i < numels.size(); ++i) {
-    const int64_t n = numels[i], a = aligns[i];
-    if (n < 0 || a <= 0) {
-      throw py::value_error("bad layout entry: numel=" + std::to_string(n) +
-                            ", align=" + std::to_string(a));
-    }
-    // Slabs are numbered in order of first appearance of their key.
-    auto it = slab_of_key.emplace(keys[i], static_cast<int64_t>(sizes.size())).first;
-    const int64_t s = it->second;
-    if (s == static_cast<int64_t>(sizes.size())) sizes.push_back(0);
-    const int64_t off = (sizes[s] + a - 1) / a * a;  // round up to the alignment
-    slab_ids.push_back(s);
-    offsets.push_back(off);
-    sizes[s] = off + n;
-  }
-  return {slab_ids, offsets, sizes};
-}
 
 // ------------------------------------------------------------------ streams
 void* resolve_stream(int64_t handle, int device) {
@@ -196,9 +162,7 @@ void memcpy_async(const at::Tensor& dst, const at::Tensor& src, int64_t stream) 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sampa_fused compiled extension: flat-buffer layout and the peer engine's copies";
-  m.def("plan_layout", &plan_layout, py::arg("numels"), py::arg("keys"), py::arg("aligns"),
-        "Assign each tensor a (slab, offset); see sampa_fused.flat.plan_layout_py.");
+  m.doc() = "sampa_fused compiled extension: the peer engine's copies between devices";
   m.def("has_cuda", []() { return kHasCuda; }, "True when built with the CUDA part.");
   m.def("device_count", []() { return sampa_cuda::device_count(); },
         "CUDA devices visible to the extension (0 without its CUDA part).");

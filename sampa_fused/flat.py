@@ -17,14 +17,15 @@ import torch
 ALIGN_BYTES = 64
 
 
-def plan_layout_py(numels: Sequence[int], keys: Sequence[int], aligns: Sequence[int]
-                   ) -> Tuple[List[int], List[int], List[int]]:
+def plan_layout(numels: Sequence[int], keys: Sequence[int], aligns: Sequence[int]
+                ) -> Tuple[List[int], List[int], List[int]]:
     """Assign each tensor a (slab, offset); tensors keep their input order.
 
     `keys[i]` names the (device, dtype) slab of tensor i, `aligns[i]` its
     alignment in elements. Returns (slab index per tensor, offset per tensor,
-    size per slab); slabs are numbered in order of first appearance.
-    Mirrors `sampa_fused._C.plan_layout`.
+    size per slab); slabs are numbered in order of first appearance. Each
+    offset is the first multiple of the tensor's alignment at or after the end
+    of the previous tensor of its slab. Runs once at set-up, so plain Python.
     """
     if not len(numels) == len(keys) == len(aligns):
         raise ValueError(f"plan_layout: numels, keys and aligns differ in length "
@@ -45,12 +46,8 @@ def plan_layout_py(numels: Sequence[int], keys: Sequence[int], aligns: Sequence[
     return slab_ids, offsets, sizes
 
 
-def plan_layout(numels, keys, aligns):
-    from ._ext import load_extension
-    ext = load_extension(required=False)
-    if ext is not None:
-        return ext.plan_layout(list(numels), list(keys), list(aligns))
-    return plan_layout_py(numels, keys, aligns)
+# The former name, still imported by bench/test_bench_comm.py.
+plan_layout_py = plan_layout
 
 
 @dataclass
