@@ -63,14 +63,17 @@ def extension_setup(mode: str) -> dict:
     use_cuda = mode == "cuda" or (mode == "auto" and torch_cuda and nvcc is not None)
 
     sources = ["csrc/sampa_fused.cpp"]
+    # The shared API header: a change rebuilds both files, and sdists carry it.
+    depends = ["csrc/sampa_fused.h"]
     cxx = ["-O2"]
     if use_cuda:
         sources.append("csrc/sampa_fused_cuda.cu")
         ext = cpp_extension.CUDAExtension(
-            "sampa_fused._C", sources, define_macros=[("SAMPA_WITH_CUDA", None)],
+            "sampa_fused._C", sources, depends=depends,
+            define_macros=[("SAMPA_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O2"]})
     else:
-        ext = cpp_extension.CppExtension("sampa_fused._C", sources,
+        ext = cpp_extension.CppExtension("sampa_fused._C", sources, depends=depends,
                                          extra_compile_args={"cxx": cxx})
     print(f"setup.py: building sampa_fused._C as a {'CUDA' if use_cuda else 'C++ (CPU)'} "
           f"extension against torch {torch.__version__}", file=sys.stderr)

@@ -1,7 +1,7 @@
-// sampa_fused._C: Python bindings and the CPU parts of the extension.
+// sampa_fused._C: Python bindings of the CUDA part (sampa_fused_cuda.cu), and
+// clear refusals where it is not built. (The flat-buffer layout runs once at
+// set-up: it is Python, sampa_fused.flat.plan_layout.)
 //
-//   plan_layout(numels, keys, aligns) -> (slab_ids, offsets, slab_sizes)
-//       the flat-buffer layout, same semantics as flat.plan_layout_py
 //   has_cuda() -> bool            built with the CUDA part (sampa_fused_cuda.cu)
 //   device_count(), can_access_peer(a, b), enable_peer_access(a, b)
 //   PeerLink(src, dst, src_stream, dst_stream, staged, staging_bytes)
@@ -10,7 +10,11 @@
 //   memcpy_async(dst, src, stream)  a plain cudaMemcpy(Peer)Async, for benchmarks
 //
 // Streams cross the boundary as their raw handles (torch.cuda.Stream.cuda_stream);
-// -1 means "the current torch stream of the device concerned".
+// -1 means "the current torch stream of the device concerned". 0 is the
+// device's default stream (torch's default stream has handle 0), ordered like
+// any other: there is no handle meaning "no stream".
+
+#include "sampa_fused.h"
 
 #include <torch/extension.h>
 
@@ -20,31 +24,12 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <tuple>
-#include <unordered_map>
-#include <vector>
 
 namespace py = pybind11;
 
 // ---------------------------------------------------------------- CUDA part
-// Implemented in sampa_fused_cuda.cu for CUDA builds; the CPU build defines
-// them below as functions that refuse clearly. Keep the two lists identical
-// (tests/test_extension.py compares the symbols).
-namespace sampa_cuda {
-struct LinkImpl;
-int device_count();
-bool can_access_peer(int a, int b);
-bool enable_peer_access(int a, int b);
-std::shared_ptr<LinkImpl> link_create(int src, int dst, void* src_stream, void* dst_stream,
-                                      bool staged, int64_t staging_bytes);
-int link_mode(const LinkImpl& link);
-int64_t link_slot_bytes(const LinkImpl& link);
-void link_begin(LinkImpl& link, void* reader_stream);
-void link_copy(LinkImpl& link, void* dst, const void* src, int64_t nbytes, void* producer_stream);
-void link_finish(LinkImpl& link, void* consumer_stream, void* owner_stream);
-void memcpy_async(void* dst, int dst_device, const void* src, int src_device, int64_t nbytes,
-                  void* stream);
-}  // namespace sampa_cuda
+// Declared in sampa_fused.h, implemented in sampa_fused_cuda.cu for CUDA
+// builds; the CPU build defines them below as functions that refuse clearly.
 
 [[noreturn]] static void no_cuda() {
   throw std::runtime_error(
@@ -58,52 +43,23 @@ void memcpy_async(void* dst, int dst_device, const void* src, int src_device, in
 static constexpr bool kHasCuda = true;
 #else
 static constexpr bool kHasCuda = false;
-namespace sampa_cuda {
-int device_count() { return 0; }
-bool can_access_peer(int, int) { no_cuda(); }
-bool enable_peer_access(int, int) { no_cuda(); }
-std::shared_ptr<LinkImpl> link_create(int, int, void*, void*, bool, int64_t) { no_cuda(); }
-int link_mode(const LinkImpl&) { no_cuda(); }
-int64_t link_slot_bytes(const LinkImpl&) { no_cuda(); }
-void link_begin(LinkImpl&, void*) { no_cuda(); }
-void link_copy(LinkImpl&, void*, const void*, int64_t, void*) { no_cuda(); }
-void link_finish(LinkImpl&, void*, void*) { no_cuda(); }
-void memcpy_async(void*, int, const void*, int, int64_t, void*) { no_cuda(); }
-}  // namespace sampa_cuda
+// Qualified definitions: one that does not match sampa_fused.h does not compile.
+int sampa_cuda::device_count() { return 0; }
+bool sampa_cuda::can_access_peer(int, int) { no_cuda(); }
+bool sampa_cuda::enable_peer_access(int, int) { no_cuda(); }
+std::shared_ptr<sampa_cuda::LinkImpl> sampa_cuda::link_create(int, int, void*, void*, bool,
+                                                              int64_t) {
+  no_cuda();
+}
+int sampa_cuda::link_mode(const LinkImpl&) { no_cuda(); }
+int64_t sampa_cuda::link_slot_bytes(const LinkImpl&) { no_cuda(); }
+void sampa_cuda::link_begin(LinkImpl&, void*) { no_cuda(); }
+void sampa_cuda::link_copy(LinkImpl&, void*, const void*, int64_t, void*) { no_cuda(); }
+void sampa_cuda::link_finish(LinkImpl&, void*, void*) { no_cuda(); }
+void sampa_cuda::memcpy_async(void*, int, const void*, int, int64_t, void*) { no_cuda(); }
 #endif
 
 namespace {
-
-// ------------------------------------------------------------------ layout
-std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>> plan_layout(
-    const std::vector<int64_t>& numels, const std::vector<int64_t>& keys,
-    const std::vector<int64_t>& aligns) {
-  if (numels.size() != keys.size() || numels.size() != aligns.size()) {
-    throw py::value_error("plan_layout: numels, keys and aligns must have the same length, got " +
-                          std::to_string(numels.size()) + ", " + std::to_string(keys.size()) +
-                          " and " + std::to_string(aligns.size()));
-  }
-  std::unordered_map<int64_t, int64_t> slab_of_key;
-  std::vector<int64_t> sizes, slab_ids, offsets;
-  slab_ids.reserve(numels.size());
-  offsets.reserve(numels.size());
-  for (size_t i = 0; i < numels.size(); ++i) {
-    const int64_t n = numels[i], a = aligns[i];
-    if (n < 0 || a <= 0) {
-      throw py::value_error("bad layout entry: numel=" + std::to_string(n) +
-                            ", align=" + std::to_string(a));
-    }
-    // Slabs are numbered in order of first appearance of their key.
-    auto it = slab_of_key.emplace(keys[i], static_cast<int64_t>(sizes.size())).first;
-    const int64_t s = it->second;
-    if (s == static_cast<int64_t>(sizes.size())) sizes.push_back(0);
-    const int64_t off = (sizes[s] + a - 1) / a * a;  // round up to the alignment
-    slab_ids.push_back(s);
-    offsets.push_back(off);
-    sizes[s] = off + n;
-  }
-  return {slab_ids, offsets, sizes};
-}
 
 // ------------------------------------------------------------------ streams
 void* resolve_stream(int64_t handle, int device) {
@@ -206,9 +162,7 @@ void memcpy_async(const at::Tensor& dst, const at::Tensor& src, int64_t stream) 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sampa_fused compiled extension: flat-buffer layout and the peer engine's copies";
-  m.def("plan_layout", &plan_layout, py::arg("numels"), py::arg("keys"), py::arg("aligns"),
-        "Assign each tensor a (slab, offset); see sampa_fused.flat.plan_layout_py.");
+  m.doc() = "sampa_fused compiled extension: the peer engine's copies between devices";
   m.def("has_cuda", []() { return kHasCuda; }, "True when built with the CUDA part.");
   m.def("device_count", []() { return sampa_cuda::device_count(); },
         "CUDA devices visible to the extension (0 without its CUDA part).");

@@ -3,9 +3,10 @@
 //
 // Only the CUDA runtime API is used here, no torch headers: this file compiles
 // in a few seconds with a bare nvcc, so CI can check it on machines without a
-// GPU or a CUDA build of torch. Tensors are checked and turned into pointers
-// in sampa_fused.cpp; the declarations below must match the ones there (a
-// test compares the symbols of both).
+// GPU or a CUDA build of torch, and so tests/test_cuda_ordering.py can link
+// it against a stub runtime that checks the stream ordering. Tensors are
+// checked and turned into pointers in sampa_fused.cpp; the API is declared in
+// sampa_fused.h and defined here with qualified names, so the two cannot drift.
 //
 // Ordering model (one PeerLink per direction src -> dst):
 //   begin(reader)      copies that write dst wait until `reader` (a stream on
@@ -18,6 +19,12 @@
 //                      the copies have read src, so it may overwrite it
 // Events are reused: a stream wait captures the event's most recent record
 // at the time of the wait, so recording the same event again later is safe.
+// Every stream argument is recorded on or waited on unconditionally: nullptr
+// is the legacy default stream of the device concerned (torch's default
+// stream), and each is used under a DeviceScope of that device so that null
+// resolves to the right device's default stream.
+
+#include "sampa_fused.h"
 
 #include <cuda_runtime.h>
 
@@ -30,9 +37,6 @@
 #include <utility>
 
 namespace sampa_cuda {
-
-struct LinkImpl;
-
 namespace {
 
 std::string dev_name(int d) { return "cuda:" + std::to_string(d); }
@@ -102,8 +106,9 @@ constexpr int kModePeer = 1;    // peer-to-peer copy over NVLink / PCIe
 constexpr int kModeStaged = 2;  // through pinned host memory, double-buffered
 
 }  // namespace
+}  // namespace sampa_cuda
 
-int device_count() {
+int sampa_cuda::device_count() {
   int n = 0;
   cudaError_t err = cudaGetDeviceCount(&n);
   if (err != cudaSuccess) {
@@ -113,7 +118,7 @@ int device_count() {
   return n;
 }
 
-bool can_access_peer(int a, int b) {
+bool sampa_cuda::can_access_peer(int a, int b) {
   check_device_index(a, "first");
   check_device_index(b, "second");
   if (a == b) return true;
@@ -125,7 +130,7 @@ bool can_access_peer(int a, int b) {
   return ab && ba;
 }
 
-bool enable_peer_access(int a, int b) {
+bool sampa_cuda::enable_peer_access(int a, int b) {
   if (!can_access_peer(a, b)) return false;
   if (a == b) return true;
   std::lock_guard<std::mutex> lock(g_peer_mutex);
@@ -144,7 +149,7 @@ bool enable_peer_access(int a, int b) {
   return true;
 }
 
-struct LinkImpl {
+struct sampa_cuda::LinkImpl {
   int src = 0, dst = 0, mode = kModeDevice;
   cudaStream_t src_stream = nullptr;  // on src: peer / device copies, staged device-to-host
   cudaStream_t dst_stream = nullptr;  // on dst: staged host-to-device
@@ -183,8 +188,9 @@ struct LinkImpl {
   }
 };
 
-std::shared_ptr<LinkImpl> link_create(int src, int dst, void* src_stream, void* dst_stream,
-                                      bool staged, int64_t staging_bytes) {
+std::shared_ptr<sampa_cuda::LinkImpl> sampa_cuda::link_create(int src, int dst, void* src_stream,
+                                                              void* dst_stream, bool staged,
+                                                              int64_t staging_bytes) {
   check_device_index(src, "source");
   check_device_index(dst, "destination");
   auto link = std::make_shared<LinkImpl>();
@@ -226,24 +232,32 @@ std::shared_ptr<LinkImpl> link_create(int src, int dst, void* src_stream, void* 
   return link;
 }
 
-int link_mode(const LinkImpl& link) { return link.mode; }
+int sampa_cuda::link_mode(const LinkImpl& link) { return link.mode; }
 
-int64_t link_slot_bytes(const LinkImpl& link) { return link.slot_bytes; }
+int64_t sampa_cuda::link_slot_bytes(const LinkImpl& link) { return link.slot_bytes; }
 
-void link_begin(LinkImpl& link, void* reader_stream) {
+void sampa_cuda::link_begin(LinkImpl& link, void* reader_stream) {
   std::lock_guard<std::mutex> lock(link.mutex);
   auto reader = static_cast<cudaStream_t>(reader_stream);
-  // The stream that writes dst: the copy stream, or the host-to-device stream.
-  cudaStream_t writer = link.mode == kModeStaged ? link.dst_stream : link.src_stream;
-  DeviceScope scope(link.dst);
-  SAMPA_CUDA_CHECK(cudaEventRecord(link.read_done, reader),
-                   "ordering the " + link.where(0) + " after the readers of the destination "
-                   "(the reader stream must belong to " + dev_name(link.dst) + ")");
+  // The stream that writes dst: the copy stream (on src), or the host-to-device
+  // stream (on dst).
+  const bool staged = link.mode == kModeStaged;
+  cudaStream_t writer = staged ? link.dst_stream : link.src_stream;
+  {
+    DeviceScope scope(link.dst);  // a null reader is dst's default stream
+    SAMPA_CUDA_CHECK(cudaEventRecord(link.read_done, reader),
+                     "ordering the " + link.where(0) + " after the readers of the destination "
+                     "(the reader stream must belong to " + dev_name(link.dst) + ")");
+  }
+  // Waited on from the writer's own device: a null writer is that device's
+  // default stream, not the current one's.
+  DeviceScope scope(staged ? link.dst : link.src);
   SAMPA_CUDA_CHECK(cudaStreamWaitEvent(writer, link.read_done, 0),
                    "ordering the " + link.where(0) + " after the readers of the destination");
 }
 
-void link_copy(LinkImpl& link, void* dst, const void* src, int64_t nbytes, void* producer_stream) {
+void sampa_cuda::link_copy(LinkImpl& link, void* dst, const void* src, int64_t nbytes,
+                           void* producer_stream) {
   if (nbytes <= 0) return;
   std::lock_guard<std::mutex> lock(link.mutex);
   auto producer = static_cast<cudaStream_t>(producer_stream);
@@ -298,36 +312,34 @@ void link_copy(LinkImpl& link, void* dst, const void* src, int64_t nbytes, void*
   }
 }
 
-void link_finish(LinkImpl& link, void* consumer_stream, void* owner_stream) {
+void sampa_cuda::link_finish(LinkImpl& link, void* consumer_stream, void* owner_stream) {
   std::lock_guard<std::mutex> lock(link.mutex);
+  // Both waits always happen: a null handle is the device's default stream
+  // (torch's default stream), which torch's non-blocking side streams, and so
+  // the copy streams, do not synchronise with implicitly.
   {
     DeviceScope scope(link.src);
     SAMPA_CUDA_CHECK(cudaEventRecord(link.src_done, link.src_stream),
                      "completing the " + link.where(0));
-    if (owner_stream != nullptr) {
-      SAMPA_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(owner_stream),
-                                           link.src_done, 0),
-                       "ordering the source's owner stream after the " + link.where(0) +
-                           " (it must belong to " + dev_name(link.src) + ")");
-    }
+    SAMPA_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(owner_stream), link.src_done,
+                                         0),
+                     "ordering the source's owner stream after the " + link.where(0) +
+                         " (it must belong to " + dev_name(link.src) + ")");
   }
+  DeviceScope scope(link.dst);
   cudaEvent_t landed = link.src_done;
   if (link.mode == kModeStaged) {
-    DeviceScope scope(link.dst);
     SAMPA_CUDA_CHECK(cudaEventRecord(link.dst_done, link.dst_stream),
                      "completing the " + link.where(0));
     landed = link.dst_done;
   }
-  if (consumer_stream != nullptr) {
-    DeviceScope scope(link.dst);
-    SAMPA_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(consumer_stream), landed, 0),
-                     "ordering the consumer stream after the " + link.where(0) +
-                         " (it must belong to " + dev_name(link.dst) + ")");
-  }
+  SAMPA_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(consumer_stream), landed, 0),
+                   "ordering the consumer stream after the " + link.where(0) +
+                       " (it must belong to " + dev_name(link.dst) + ")");
 }
 
-void memcpy_async(void* dst, int dst_device, const void* src, int src_device, int64_t nbytes,
-                  void* stream) {
+void sampa_cuda::memcpy_async(void* dst, int dst_device, const void* src, int src_device,
+                              int64_t nbytes, void* stream) {
   if (nbytes <= 0) return;
   DeviceScope scope(src_device);
 #define SAMPA_PLAIN_WHAT                                                              \
@@ -345,5 +357,3 @@ void memcpy_async(void* dst, int dst_device, const void* src, int src_device, in
   }
 #undef SAMPA_PLAIN_WHAT
 }
-
-}  // namespace sampa_cuda

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sampa_fused import _ext, flat
-from sampa_fused.flat import build_slabs, plan_layout_py
+from sampa_fused.flat import build_slabs
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRE = os.environ.get("SAMPA_REQUIRE_EXT", "0") not in ("", "0")
@@ -45,64 +45,68 @@ def test_extension_loads(C):
         assert C.device_count() == 0
 
 
-def _random_case(rng: random.Random, n: int):
-    keys = [rng.choice([0, 1, 2, 7, -3, 2 ** 40]) for _ in range(n)]
-    numels = [rng.choice([0, 1, 3, rng.randrange(1, 5000), rng.randrange(1, 2 ** 33)])
-              for _ in range(n)]
-    aligns = [rng.choice([1, 2, 4, 8, 16, 3, 1000]) for _ in range(n)]
-    return numels, keys, aligns
+# ---------------------------------------------------------------- layout
+# The flat-buffer layout runs once at set-up and is plain Python
+# (sampa_fused.flat.plan_layout); it had a C++ twin in the extension, whose
+# tests lived here.
+@pytest.mark.parametrize("numels,keys,aligns,expected", [
+    ([], [], [], ([], [], [])),
+    # one slab: each offset rounded up to the alignment after the previous end
+    ([5, 3, 2], [0, 0, 0], [4, 4, 4], ([0, 0, 0], [0, 8, 12], [14])),
+    # slabs numbered by first appearance of their key, whatever the key's value
+    ([1, 2, 3, 4], [7, -3, 7, 2 ** 40], [1, 1, 2, 8], ([0, 1, 0, 2], [0, 0, 2, 0], [5, 2, 4])),
+    # empty tensors take no room but are aligned too, so a trailing one pads
+    ([0, 3, 0], [1, 1, 1], [4, 4, 4], ([0, 0, 0], [0, 0, 4], [4])),
+    # alignments need not be powers of two; sizes beyond 32 bits
+    ([2 ** 33, 1, 7], [0, 0, 0], [1, 1000, 3], ([0, 0, 0], [0, 2 ** 33 + 408, 2 ** 33 + 409],
+                                                [2 ** 33 + 416])),
+])
+def test_plan_layout_examples(numels, keys, aligns, expected):
+    assert tuple(flat.plan_layout(numels, keys, aligns)) == expected
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_plan_layout_matches_python(C, seed):
+def test_plan_layout_properties(seed):
     rng = random.Random(seed)
-    for n in (0, 1, 2, 17, 300):
-        numels, keys, aligns = _random_case(rng, n)
-        got = C.plan_layout(numels, keys, aligns)
-        assert tuple(got) == plan_layout_py(numels, keys, aligns)
-        # aligned offsets, no overlaps within a slab
-        ids, offs, sizes = got
+    for n in (1, 2, 17, 300):
+        keys = [rng.choice([0, 1, 2, 7, -3, 2 ** 40]) for _ in range(n)]
+        numels = [rng.choice([0, 1, 3, rng.randrange(1, 5000), rng.randrange(1, 2 ** 33)])
+                  for _ in range(n)]
+        aligns = [rng.choice([1, 2, 4, 8, 16, 3, 1000]) for _ in range(n)]
+        ids, offs, sizes = flat.plan_layout(numels, keys, aligns)
+        assert len(ids) == len(offs) == n
+        first_seen = list(dict.fromkeys(keys))                 # keys by first appearance
+        assert ids == [first_seen.index(k) for k in keys]
         ends = {}
         for s, o, m, a in zip(ids, offs, numels, aligns):
-            assert o % a == 0 and o >= ends.get(s, 0)
+            prev = ends.get(s, 0)
+            # aligned, after the previous tensor of its slab, and no gap beyond the alignment
+            assert o % a == 0 and prev <= o < prev + a, (s, o, m, a, prev)
             ends[s] = o + m
-        assert [ends.get(s, 0) for s in range(len(sizes))] == sizes
+        assert sizes == [ends[s] for s in range(len(first_seen))]
 
 
 @pytest.mark.parametrize("numels,aligns", [([4, -1], [1, 1]), ([4, 2], [1, 0]), ([3], [-8])])
-def test_plan_layout_rejects_bad_entries_like_python(C, numels, aligns):
-    keys = [0] * len(numels)
-    with pytest.raises(ValueError) as py_err:
-        plan_layout_py(numels, keys, aligns)
-    with pytest.raises(ValueError) as c_err:
-        C.plan_layout(numels, keys, aligns)
-    assert str(c_err.value) == str(py_err.value)
+def test_plan_layout_rejects_bad_entries(numels, aligns):
+    with pytest.raises(ValueError, match=r"bad layout entry: numel=-?\d+, align=-?\d+"):
+        flat.plan_layout(numels, [0] * len(numels), aligns)
 
 
-def test_plan_layout_rejects_mismatched_lengths(C):
-    with pytest.raises(ValueError, match="same length"):
-        C.plan_layout([1, 2], [0], [1, 1])
+def test_plan_layout_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match=r"differ in length \(2, 1, 2\)"):
+        flat.plan_layout([1, 2], [0], [1, 1])
 
 
-def test_build_slabs_uses_extension_with_same_result(C, monkeypatch):
-    torch.manual_seed(0)
-    ts = [torch.empty(int(torch.randint(1, 50, (1,))), dtype=dt)
-          for dt in (torch.float32, torch.float16, torch.float32, torch.bfloat16, torch.float64) * 3]
-    groups = [i % 3 for i in range(len(ts))]
-    calls = []
-    real = C.plan_layout
-    monkeypatch.setattr(_ext, "_ext", type("Spy", (), {
-        "plan_layout": staticmethod(lambda *a: calls.append(1) or real(*a))}))
-    with_ext = build_slabs(ts, groups)
-    assert calls, "flat.plan_layout did not use the extension"
-    monkeypatch.setattr(_ext, "_ext", None)
-    monkeypatch.setattr(_ext, "_error", ImportError("simulated: not built"))
-    without = build_slabs(ts, groups)
-    assert [(s.dtype, s.numel, s.index, s.offsets, [(g.group, g.start, g.end) for g in s.segments])
-            for s in with_ext] == \
-           [(s.dtype, s.numel, s.index, s.offsets, [(g.group, g.start, g.end) for g in s.segments])
-            for s in without]
-    assert flat.plan_layout([5], [0], [4]) == plan_layout_py([5], [0], [4])
+def test_build_slabs_needs_no_extension(monkeypatch):
+    """Laying out the flat buffers must work in a pure-Python install."""
+    def refuse(*a, **k):
+        raise AssertionError("build_slabs asked for the compiled extension")
+    monkeypatch.setattr(_ext, "load_extension", refuse)
+    ts = [torch.empty(n, dtype=dt) for n, dt in ((5, torch.float32), (3, torch.float16),
+                                                 (7, torch.float32))]
+    f32, f16 = build_slabs(ts, [0, 1, 0])
+    assert (f32.dtype, f32.index, f32.offsets) == (torch.float32, [0, 2], [0, 16])
+    assert (f16.dtype, f16.index, f16.offsets) == (torch.float16, [1], [0])
 
 
 def test_missing_extension_message(monkeypatch):
@@ -155,7 +159,8 @@ def cuda_object(tmp_path_factory):
     obj = tmp_path_factory.mktemp("nvcc") / "sampa_fused_cuda.o"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [nvcc, "-std=c++17", "-O2", "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           "-c", str(ROOT / "csrc" / "sampa_fused_cuda.cu"), "-o", str(obj)]
+           "-I", str(ROOT / "csrc"), "-c", str(ROOT / "csrc" / "sampa_fused_cuda.cu"),
+           "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"nvcc failed on csrc/sampa_fused_cuda.cu:\n{res.stderr[-4000:]}"
     return obj
@@ -165,16 +170,32 @@ def test_cuda_source_compiles(cuda_object):
     assert cuda_object.stat().st_size > 0
 
 
-def test_cuda_source_defines_what_the_bindings_call(C, cuda_object):
-    """The bindings declare the CUDA functions themselves (two files, no shared
-    header): every one they need must be defined, with the same signature, by
-    the .cu file, or a CUDA build would fail to load with an undefined symbol."""
+def test_cuda_source_and_bindings_define_the_same_api(C, cuda_object):
+    """Both csrc files define the API of csrc/sampa_fused.h with qualified
+    names, so a definition that differs from the header does not compile. What
+    the compiler cannot see is a function defined by one file and not the other
+    (a CUDA build would then fail to link or to import): compare the functions
+    of namespace sampa_cuda that the built extension defines (the CPU build's
+    refusals, or the .cu's own in a CUDA build) with those of the .cu."""
     if shutil.which("nm") is None:
         pytest.skip("nm (binutils) not found")
-    needed = _symbols(C.__file__)
-    assert len(needed) >= 10, needed           # the declared list, stubbed or real
-    missing = needed - _symbols(cuda_object)
-    assert not missing, f"declared in csrc/sampa_fused.cpp, not defined in the .cu: {missing}"
+    ext_api, cu_api = _symbols(C.__file__), _symbols(cuda_object)
+    assert len(cu_api) >= 10, cu_api
+    assert ext_api == cu_api, (
+        f"only in the extension (csrc/sampa_fused.cpp): {sorted(ext_api - cu_api)}; "
+        f"only in csrc/sampa_fused_cuda.cu: {sorted(cu_api - ext_api)}")
+
+
+def test_csrc_files_share_the_header():
+    """The API is declared once, in csrc/sampa_fused.h, which must stay free of
+    torch and CUDA headers (the CPU build and the ordering test include it)."""
+    header = (ROOT / "csrc" / "sampa_fused.h").read_text()
+    includes = re.findall(r"^\s*#\s*include\s*[<\"]([^>\"]+)", header, re.M)
+    assert includes and not [i for i in includes if "torch" in i or "cuda" in i or "c10" in i], \
+        includes
+    for name in ("sampa_fused.cpp", "sampa_fused_cuda.cu"):
+        src = (ROOT / "csrc" / name).read_text()
+        assert re.search(r'^#include "sampa_fused.h"', src, re.M), f"{name} does not include it"
 
 
 # ---------------------------------------------------------------- setup.py
