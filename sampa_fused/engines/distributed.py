@@ -287,6 +287,9 @@ class DistributedEngine:
             self.data_rank, self.data_world_size = self.rank, self.world_size
             self.mode = "allreduce"
         self._armed = False
+        # As the peer engine's: False skips the gradient exchange (wrong results),
+        # only to time a step without it (bench_comm.py --engine-step).
+        self.exchange = True
         # Where buckets were started (tests and benchmarks read these).
         self.stats = {"buckets_during_backward": 0, "buckets_after_backward": 0}
         self._bufs_ref = None
@@ -518,6 +521,8 @@ class DistributedEngine:
             self.stats["buckets_during_backward"] += 1
 
     def _launch(self, j: int) -> None:
+        if not self.exchange:     # the status all-reduce and buffer broadcast still run
+            return
         bk = self._buckets[j]
         b = self.opt._bufs[bk.slab]
         s = slice(bk.start, bk.end)
