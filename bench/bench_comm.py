@@ -78,6 +78,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import socket
 import statistics
 import subprocess
@@ -1199,7 +1200,11 @@ def rank_main(args) -> int:
                "device_name": ranks[0]["device_name"],
                "device_names": sorted({r["device_name"] for r in ranks}), **_versions(),
                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "command": " ".join(sys.argv), "ranks": ranks,
+               "command": shlex.join([sys.executable] + sys.argv),
+               "launcher": (f"bench_comm.py --nproc {os.environ['BENCH_COMM_NPROC']}"
+                            if "BENCH_COMM_NPROC" in os.environ else
+                            "torchrun" if under_torchrun() else "one process"),
+               "ranks": ranks,
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "loadavg_start": load0,
                            "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
@@ -1248,7 +1253,7 @@ def spawn(nproc: int, argv: List[str]) -> int:
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
                    LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+                   MASTER_PORT=str(port), BENCH_COMM_NPROC=str(nproc))
         env.setdefault("OMP_NUM_THREADS", "1")     # as torchrun does
         procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve())] + child_argv,
                                       env=env))
