@@ -1,11 +1,13 @@
-"""pytest-benchmark entry points for the peer engine's communication, and a
-smoke run of bench_comm.py. Timings are reported, never asserted; GPU parts
+"""pytest-benchmark entry points for the peer engine's communication, and
+smoke runs of bench_comm.py. Timings are reported, never asserted; GPU parts
 skip without CUDA.
 
     python -m pytest bench/test_bench_comm.py --benchmark-only
 """
 import json
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,11 +15,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_comm  # noqa: E402
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
 from sampa_fused._ext import load_extension  # noqa: E402
-from sampa_fused.engines.peer import BucketExchange  # noqa: E402
-from sampa_fused.flat import build_slabs, plan_layout_py  # noqa: E402
+from sampa_fused.engines.buckets import BucketExchange  # noqa: E402
+from sampa_fused.flat import build_slabs, plan_layout  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 torch.set_num_threads(1)  # steadier CPU timings on a shared machine
@@ -33,16 +36,14 @@ def _ext_or_skip(need_cuda=False):
 
 
 # ---------------------------------------------------------------- CPU
-@pytest.mark.parametrize("impl", ["extension", "python"])
-def test_bench_plan_layout(benchmark, impl):
+def test_bench_plan_layout(benchmark):
     """Laying out 20k tensors over 4 slabs (once per optimizer construction)."""
     rng = random.Random(0)
     n = 20_000
     args = ([rng.randrange(1, 10_000) for _ in range(n)], [rng.randrange(4) for _ in range(n)],
             [rng.choice([8, 16, 32]) for _ in range(n)])
-    fn = _ext_or_skip().plan_layout if impl == "extension" else plan_layout_py
-    out = benchmark(fn, *args)
-    assert tuple(out) == plan_layout_py(*args)
+    out = benchmark(plan_layout, *args)
+    assert out == plan_layout(*args)
 
 
 @pytest.mark.parametrize("hooks", ["armed", "none"])
@@ -72,26 +73,24 @@ def test_bench_backward_with_bucket_hooks(benchmark, hooks):
         ex.close()
 
 
-def test_bench_comm_cpu_smoke(tmp_path):
-    """bench_comm.py --cpu end to end at one size: JSON and plot written."""
+def test_bench_comm_gloo_smoke(tmp_path):
+    """bench_comm.py end to end: 2 gloo ranks, all_reduce and sendrecv at 3
+    sizes, checked data, JSON and plot (tests/test_comm_bench.py covers more)."""
     out = tmp_path / "cpu-comm.json"
-    res = bench_comm.main(["--cpu", "--min-size", "64K", "--max-size", "64K", "--out", str(out),
-                           "--quiet"])
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(HERE / "bench_comm.py"), "--nproc", "2", "--ops",
+                        "all_reduce,sendrecv", "-b", "1K", "-e", "64K", "-f", "8", "-n", "5",
+                        "--json", str(out), "--plot", str(tmp_path / "cpu-comm.png")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
     saved = json.loads(out.read_text())
-    assert out.with_suffix(".png").stat().st_size > 0
-    assert {(r["method"], r["direction"]) for r in saved["copies"] + saved["sendrecv"]} == \
-        {("copy_", "uni"), ("sendrecv", "uni"), ("sendrecv", "bi")}
-    for r in saved["copies"] + saved["sendrecv"]:
-        assert r["bytes"] == 65536 and r["time_us"] > 0
-        assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * (2 if r["direction"] == "bi" else 1))
-    assert res["skipped"]["peer_step"]
-
-
-def test_bench_comm_refuses_without_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(SystemExit, match="--cpu"):
-        bench_comm.main(["--quiet"])
+    assert (tmp_path / "cpu-comm.png").stat().st_size > 0
+    for t in saved["tables"].values():
+        assert [r["size"] for r in t["rows"]] == [1024, 8192, 65536]
+        for r in t["rows"]:
+            assert r["out_of_place"]["wrong"] == r["in_place"]["wrong"] == 0
+            assert r["out_of_place"]["busbw"] == pytest.approx(r["out_of_place"]["algbw"]
+                                                               * t["bus_factor"])
 
 
 # ---------------------------------------------------------------- GPU
@@ -102,24 +101,52 @@ def _pair():
 @cuda
 @pytest.mark.parametrize("method", ["link", "memcpy", "copy_"])
 def test_bench_copy_64mb(benchmark, method):
+    """64 MB per call. The link runs as bench_comm.py's peer_copy does: the
+    producer/owner and consumer are non-default streams (the link's waits on
+    the null stream were skipped before the .cu fix), and each call ends with
+    the owner waiting for the consumer, so the synchronize covers the copy."""
     ext = _ext_or_skip(need_cuda=True)
     a, b = (torch.device(d) for d in _pair())
     n = (64 << 20) // 4
     src, dst = torch.randn(n, device=a), torch.empty(n, device=b)
-    s0, s1 = torch.cuda.Stream(a), torch.cuda.Stream(b)
+    s0, s1 = torch.cuda.Stream(a, priority=-1), torch.cuda.Stream(b, priority=-1)
     link = ext.PeerLink(a.index, b.index, s0.cuda_stream, s1.cuda_stream, False, 8 << 20)
+    owner, consumer = torch.cuda.Stream(a), torch.cuda.Stream(b)
 
     def one():
         if method == "link":
-            link.copy(dst, src, 0, n, -1)
-            link.finish(-1, -1)
+            link.begin(consumer.cuda_stream)
+            link.copy(dst, src, 0, n, owner.cuda_stream)
+            link.finish(consumer.cuda_stream, owner.cuda_stream)
+            owner.wait_stream(consumer)
         elif method == "memcpy":
-            ext.memcpy_async(dst, src, -1)
+            ext.memcpy_async(dst, src, owner.cuda_stream)
         else:
-            dst.copy_(src, non_blocking=True)
+            with torch.cuda.stream(owner):
+                dst.copy_(src, non_blocking=True)
         torch.cuda.synchronize()
     benchmark(one)
     assert torch.equal(dst.cpu(), src.cpu())
+
+
+@cuda
+def test_bench_comm_quick_gpu(tmp_path):
+    """The GPU check's command: one process, peer_copy and copy on cuda:0, a
+    peer-engine step, the targets in the JSON (reported, not asserted)."""
+    _ext_or_skip(need_cuda=True)
+    out = tmp_path / "quick.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(HERE / "bench_comm.py"), "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    js = json.loads(out.read_text())
+    for key in ("device_name", "torch", "triton", "cuda", "targets"):
+        assert key in js
+    assert set(js["targets"]) == {"peer_copy_vs_memcpy", "peer_step_exposed_fraction"}
+    for t in js["targets"].values():
+        assert set(t) >= {"value", "goal", "met"}
+    assert all(h["wrong"] == 0 for t in js["tables"].values() for r in t["rows"]
+               for h in (r["out_of_place"],))
 
 
 @cuda
