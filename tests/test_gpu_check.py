@@ -177,6 +177,50 @@ def test_a_stage_never_reuses_an_earlier_runs_results(tmp_path):
     assert "wrote no readable kernels.json" in gc.bench_results(tmp_path, recs)["kernels"]["error"]
 
 
+def _writer(payload, rc=0):
+    """argv of a stage that writes `payload` as JSON to the path after it, then exits rc."""
+    code = f"import json, sys; json.dump({payload!r}, open(sys.argv[1], 'w')); sys.exit({rc})"
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.parametrize("bench_rc", [0, 1])
+def test_run_end_to_end_with_stand_in_stages(tmp_path, monkeypatch, capsys, bench_rc):
+    """`run` as gpu-check.sh calls it, the real stages replaced by stand-ins:
+    env first (in a temporary folder: it names the default OUTDIR), then the
+    rest into OUTDIR, the summary last and the exit status from it."""
+    env = {"device_name": "Fake GPU 9000", "torch": "2.11.0+cu130", "cuda": "13.0",
+           "triton": "3.6.0", "capability": [9, 0]}
+    planned = []
+
+    def stand_ins(out, env_info=None, **kw):
+        planned.append(env_info)
+        bench = _writer({"device_name": env["device_name"],
+                         "targets": {"speed": {"value": 1.5, "goal": 2.0, "cmp": "<=", "met": True}}},
+                        rc=bench_rc)
+        return [gc.Stage("env", 20, _writer(env) + [str(Path(out) / "env.json")], "env", kind="env"),
+                gc.Stage("bench-x", 20, bench + [str(Path(out) / "x.json")], "bench", kind="bench",
+                         json_out="x.json", bench="x")]
+    monkeypatch.setattr(gc, "stage_list", stand_ins)
+    monkeypatch.setattr(gc, "REPO", tmp_path)             # the default OUTDIR goes under it
+    monkeypatch.setenv("GPU_CHECK_T0", str(time.time()))
+    rc = gc.cmd_run(None)
+    assert rc == bench_rc
+    out, = (tmp_path / "bench" / "results").iterdir()
+    assert out.name.startswith("gpu-check-fake-gpu-9000-")
+    assert planned[-1] == env                              # the rest was planned from env.json
+    assert {"env.json", "env.log", "meta.json", "stages.json", "x.json", "bench-x.log",
+            "summary.json", "summary.txt"} <= {p.name for p in out.iterdir()}
+    s = json.loads((out / "summary.json").read_text())
+    assert s["device_name"] == "Fake GPU 9000" and s["capability"] == [9, 0]
+    assert [(r["name"], r["status"]) for r in s["stages"]] == [
+        ("env", "ok"), ("bench-x", "ok" if bench_rc == 0 else "failed")]
+    assert s["benchmarks"]["x"]["targets"]["speed"]["met"] is True
+    assert s["verdict"]["ok"] is (bench_rc == 0)
+    assert s["total_s"] < 60
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith("=" * 78) and "Fake GPU 9000" in printed
+
+
 # ------------------------------------------------------------------ exit 2 without CUDA
 @pytest.mark.skipif(CUDA, reason="the exit-2 path needs a machine without CUDA")
 def test_exit_2_without_cuda(tmp_path):
