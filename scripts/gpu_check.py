@@ -50,6 +50,7 @@ GRACE_S = 2             # SIGTERM -> SIGKILL, per stage
 MIN_STAGE_S = 5         # a stage with less time left than this is skipped
 FORMAT = "sampa-fused-gpu-check/1"
 OUTCOMES = ("passed", "failed", "skipped", "errors")
+PER_TEST_KILL_AFTER_S = 10   # pytest-timeout fails a test this long after its stacks are dumped
 
 
 @dataclass
@@ -101,7 +102,8 @@ def pytest_argv(python: str, files: List[str], junit: Path, per_test_s: int,
             "-o", f"faulthandler_timeout={per_test_s}", "--durations=15", *extra]
     plugins = set(plugins)
     if "pytest_timeout" in plugins:
-        argv.append(f"--timeout={per_test_s + 20}")     # fails the test, the stage goes on
+        # fails the test and the stage goes on (the stage's own limit is longer)
+        argv.append(f"--timeout={per_test_s + PER_TEST_KILL_AFTER_S}")
     if "xdist" in plugins and workers > 1:
         # worker processes: a crash (segfault) in one test costs that test only
         argv += ["-n", str(workers)]
@@ -137,7 +139,7 @@ def stage_list(out: Path, repo: Path = REPO, python: str = sys.executable,
         Stage("ext", 10, [python, me, "ext", str(out / "ext.json")],
               "which extension imports (CUDA or C++ only)", kind="ext"),
         Stage("tests-engines", 75,
-              pytest_argv(python, engines, out / "junit-tests-engines.xml", 60, plugins, workers),
+              pytest_argv(python, engines, out / "junit-tests-engines.xml", 50, plugins, workers),
               "engine tests under the CUDA sanitizer", kind="tests",
               env={"TORCH_CUDA_SANITIZER": "1", **test_env}, junit="junit-tests-engines.xml",
               files=engines),
@@ -146,7 +148,7 @@ def stage_list(out: Path, repo: Path = REPO, python: str = sys.executable,
               "every other test in tests/", kind="tests", env=test_env, junit="junit-tests.xml",
               files=others),
         Stage("bench-tests", 40,
-              pytest_argv(python, benches, out / "junit-bench-tests.xml", 30, plugins, workers,
+              pytest_argv(python, benches, out / "junit-bench-tests.xml", 25, plugins, workers,
                           # timings come from the benchmark stages; here each runs once
                           extra=["--benchmark-disable"]),
               "bench/test_*.py (pytest-benchmark cases run once, untimed)", kind="tests",

@@ -88,7 +88,10 @@ def test_pytest_options(tmp_path):
     st = _stages(tmp_path, ncpu=16, env_info={"pytest_plugins": ["xdist", "pytest_timeout"]})
     argv = st["tests"].argv
     assert argv[argv.index("-n") + 1] == "8"
-    assert any(a.startswith("--timeout=") for a in argv)
+    for s in st.values():            # a hung test fails before its stage is killed
+        if s.kind == "tests":
+            per_test, = [int(a.split("=")[1]) for a in s.argv if a.startswith("--timeout=")]
+            assert per_test < s.timeout_s, s.name
 
 
 def test_build_stages(tmp_path, monkeypatch):
