@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 say() { echo "setup.sh: $*" >&2; }
+if ! command -v "$PY" >/dev/null; then
+    say "ERROR: no Python at '$PY' (set PYTHON to the interpreter to set up)"
+    exit 1
+fi
 # pip's status, not an abort under set -e: what failed is reported below
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
