@@ -13,6 +13,13 @@ configurations so that load from other programs on the machine spreads over
 all of them. Writes JSON and a bar chart.
 
     python bench/bench_distributed.py --out bench/results/cpu-distributed.json
+    python bench/bench_distributed.py --quick --json /tmp/dist.json   # 1 round, a few steps
+
+--quick runs sam_1proc and sampa_2ranks only, one round of 5 steps after 2
+warm-up steps (under 10 s on 2 CPU cores): enough to see that the script works and to
+read the target, too few for a stable ratio. The JSON's "targets" holds
+{"sampa_2ranks_vs_sam_1proc": {"value", "goal", "cmp", "met"}} (the ratio of
+median step times).
 """
 from __future__ import annotations
 
@@ -182,19 +189,53 @@ def chart(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main():
+TARGET_RATIO = 0.6      # sampa_2ranks <= 0.6 x sam_1proc (ideal 0.5 + communication)
+QUICK = dict(steps=5, warmup=2, rounds=1, configs="sam_1proc,sampa_2ranks")
+FULL = dict(steps=20, warmup=5, rounds=5, configs=",".join(CONFIGS))
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"sam_1proc and sampa_2ranks, {QUICK['rounds']} round of {QUICK['steps']} steps")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "cpu-distributed.json"))
-    ap.add_argument("--chart", default=None, help="PNG path (default: next to --out)")
-    a = ap.parse_args()
-    args = {"batch": a.batch, "width": a.width, "steps": a.steps, "warmup": a.warmup}
-    names = a.configs.split(",")
+    ap.add_argument("--steps", type=int, default=None, help=f"default {FULL['steps']}")
+    ap.add_argument("--warmup", type=int, default=None, help=f"default {FULL['warmup']}")
+    ap.add_argument("--rounds", type=int, default=None, help=f"default {FULL['rounds']}")
+    ap.add_argument("--configs", default=None, help="default: all (" + ",".join(CONFIGS) + ")")
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "cpu-distributed.json"),
+                    help="JSON path")
+    ap.add_argument("--json", default=None, metavar="PATH", help="JSON path (overrides --out)")
+    ap.add_argument("--chart", default=None, help="PNG path (default: next to the JSON)")
+    return ap
+
+
+def plan(a) -> dict:
+    base = QUICK if a.quick else FULL
+    pick = lambda k: getattr(a, k) if getattr(a, k) is not None else base[k]  # noqa: E731
+    return {k: pick(k) for k in ("steps", "warmup", "rounds", "configs")}
+
+
+def targets(result: dict) -> dict:
+    ratio = result.get("ratios_vs_sam_1proc", {}).get("sampa_2ranks")
+    t = {"value": ratio, "goal": TARGET_RATIO, "cmp": "<=",
+         "met": None if ratio is None else bool(ratio <= TARGET_RATIO),
+         "what": "CPU, gloo: median step time of SAMPa on 2 ranks / SAM in 1 process"}
+    if ratio is None:
+        t["note"] = "not measured: run both sam_1proc and sampa_2ranks"
+    return {"sampa_2ranks_vs_sam_1proc": t}
+
+
+def main(argv=None):
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    pl = plan(a)
+    if a.json:
+        a.out = a.json
+    a.rounds = pl["rounds"]
+    args = {"batch": a.batch, "width": a.width, "steps": pl["steps"], "warmup": pl["warmup"]}
+    names = pl["configs"].split(",")
     for n in names:
         if n not in CONFIGS:
             ap.error(f"unknown config {n!r}; choose from {list(CONFIGS)}")
@@ -229,8 +270,16 @@ def main():
         s.update(extra[n])
         configs[n] = s
     params = next((c["params"] for c in configs.values() if "params" in c), None)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     result = {
         "benchmark": "distributed engine, CPU",
+        # the benchmarks' JSON convention: device, versions, targets
+        "device_name": "cpu", "triton": triton_version, "cuda": torch.version.cuda,
+        "quick": a.quick,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "loadavg_start": load0, "loadavg_end": os.getloadavg(),
                     "note": "wall times; the 2-rank runs need 2 free cores, and this machine's 2 "
@@ -269,6 +318,7 @@ def main():
         if "sampa_2ranks" in configs and "sam_dp_2ranks" in configs:
             result["sampa_2ranks_vs_sam_dp_2ranks"] = (configs["sampa_2ranks"]["median_ms"]
                                                        / configs["sam_dp_2ranks"]["median_ms"])
+    result["targets"] = targets(result)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -276,6 +326,7 @@ def main():
                       if k.startswith(("ratios", "cpu_time", "target", "sampa_2"))}, indent=2))
     if "sam_1proc" in configs:
         chart(result, a.chart or os.path.splitext(a.out)[0] + ".png")
+    return result
 
 
 if __name__ == "__main__":

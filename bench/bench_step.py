@@ -12,6 +12,13 @@ Writes bench/results/<device>-step.json and <device>-step.png.
 
     python bench/bench_step.py                 # GPU: both models
     python bench/bench_step.py --smoke         # CPU or GPU: tiny models, a few steps
+    python bench/bench_step.py --quick --json out.json   # GPU: the targets in ~1 minute
+
+--quick times only what the targets need, with few steps: ResNet-56 at
+batch 128, every configuration, 20 steps x 3 repeats; WRN-28-10 at batch 128
+(not 256, to stay within the minute) with sampa_serial, sampa_streams and
+sampa_streams_graph, 5 steps x 3 repeats. The JSON's "targets" holds each
+target as {"value", "goal", "cmp", "met"} (the ratio of two step times).
 
 SGD with momentum 0.9 and weight decay 5e-4 is the base optimizer everywhere;
 rho=0.05, lam=0.5. Batches are random tensors already on the device (four
@@ -22,6 +29,7 @@ torch.cuda.max_memory_allocated over its construction, warm-up and timing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -49,11 +57,20 @@ CONFIGS = ("sgd", "sam", "sam_graph", "sampa_serial", "sampa_streams", "sampa_st
 NEEDS_CUDA = {"sam_graph", "sampa_streams", "sampa_streams_graph"}
 BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 RHO, LAM = 0.05, 0.5
-# Targets of the issue (an H100): model (i) and model (ii).
-TARGETS = {       # step-time ratios, at most `limit`
-    "i": [("sampa_streams_graph", "sam_graph", 0.6), ("sampa_streams_graph", "sgd", 1.2)],
-    "ii": [("sampa_streams", "sampa_serial", 1.0), ("sampa_streams_graph", "sampa_serial", 1.0)],
+# Targets of the issue (an H100), as step-time ratios numerator / denominator
+# that must stay at most `limit`: model (i) ResNet-56, model (ii) WRN-28-10.
+TARGETS = {
+    "resnet56": [("sampa_streams_graph", "sam_graph", 0.6), ("sampa_streams_graph", "sgd", 1.2)],
+    "wrn28_10": [("sampa_streams", "sampa_serial", 1.0), ("sampa_streams_graph", "sampa_serial", 1.0)],
 }
+# --quick: per model, the batch (None: the model's own), the configurations
+# (those its targets compare) and the timed steps per repeat.
+QUICK = {
+    "resnet56": dict(batch=None, configs=CONFIGS, steps=20),
+    "wrn28_10": dict(batch=128, configs=("sampa_serial", "sampa_streams", "sampa_streams_graph"),
+                     steps=5),
+}
+QUICK_REPEATS = 3
 
 
 def device_name(device: torch.device) -> str:
@@ -131,19 +148,27 @@ def run_config(config: str, spec, device: torch.device, steps: int, warmup: int,
     return out
 
 
-def check_targets(results: Dict) -> List[Dict]:
-    checks = []
-    for label, name in (("i", "resnet56"), ("ii", "wrn28_10")):
+def check_targets(results: Dict) -> Dict[str, Dict]:
+    """{name: {"value", "goal", "cmp", "met", "what"}} for every target whose
+    model was run; value and met are None when a configuration did not run."""
+    out = {}
+    for name, checks in TARGETS.items():
         if name not in results["models"]:
             continue
-        res = results["models"][name]["configs"]
-        for num, den, limit in TARGETS[label]:
+        entry = results["models"][name]
+        res = entry["configs"]
+        for num, den, limit in checks:
             a, b = res.get(num, {}).get("step_ms"), res.get(den, {}).get("step_ms")
             ratio = a / b if a and b else None
-            checks.append({"model": f"({label}) {name}", "what": f"{num} / {den}",
-                           "ratio": ratio, "limit": limit,
-                           "met": None if ratio is None else ratio <= limit})
-    return checks
+            t = {"value": ratio, "goal": limit, "cmp": "<=",
+                 "met": None if ratio is None else bool(ratio <= limit),
+                 "what": f"{name} batch {entry['batch']}: step time {num} / {den}"}
+            if ratio is None:
+                why = [f"{c}: {res[c].get('error') or res[c].get('skipped')}" for c in (num, den)
+                       if c in res and "step_ms" not in res[c]]
+                t["note"] = "not measured" + (f" ({'; '.join(why)})" if why else "")
+            out[f"{name}_{num}_vs_{den}"] = t
+    return out
 
 
 def plot(results: Dict, path: Path) -> None:
@@ -177,47 +202,85 @@ def plot(results: Dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny models and few steps (CPU allowed)")
+    p.add_argument("--quick", action="store_true",
+                   help="GPU: only what the targets need, few steps (see above)")
     p.add_argument("--models", default=None, help="comma-separated, from " + ", ".join(MODELS))
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=None,
+                   help="comma-separated, from " + ", ".join(CONFIGS) + " (default: all; with "
+                        "--quick, those each model's targets need)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (>= 5 for graphs)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first; graph configurations capture after the engine's "
+                        "warmup_steps eager steps (3 by default), so keep this above that")
+    p.add_argument("--repeats", type=int, default=None, help=f"default 3 ({QUICK_REPEATS} with --quick)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=str(HERE / "results"))
-    args = p.parse_args(argv)
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write the JSON here instead of <out>/<device>-step.json (the plot goes beside it)")
+    return p
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.smoke:
-        p.error("without CUDA only a smoke run makes sense: pass --smoke")
+
+def plan(args, p: argparse.ArgumentParser, device_type: str) -> Dict:
+    """What to run: [(model, spec, configs, steps)], warmup and repeats."""
+    if device_type != "cuda" and not args.smoke:
+        p.error("without CUDA only a smoke run makes sense: pass --smoke"
+                + (" (--quick measures the GPU targets)" if args.quick else ""))
+    if args.smoke and args.quick:
+        p.error("--smoke and --quick exclude each other: --smoke runs tiny models, --quick the "
+                "target models")
     models = (args.models.split(",") if args.models else
-              (["resnet8_tiny", "wrn10_1_tiny"] if args.smoke else ["resnet56", "wrn28_10"]))
-    configs = [c for c in args.configs.split(",") if c]
-    for c in configs:
+              (["resnet8_tiny", "wrn10_1_tiny"] if args.smoke else
+               list(QUICK) if args.quick else ["resnet56", "wrn28_10"]))
+    chosen = [c for c in args.configs.split(",") if c] if args.configs else None
+    for c in chosen or ():
         if c not in CONFIGS:
             p.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    runs = []
     for m in models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+        spec = MODELS[m]
+        quick = QUICK.get(m, {}) if args.quick else {}
+        if quick.get("batch"):
+            spec = dataclasses.replace(spec, batch=quick["batch"])
+        configs = chosen or list(quick.get("configs", CONFIGS))
+        steps = args.steps or quick.get("steps") or (
+            3 if args.smoke else (50 if spec.batch <= 128 else 20))
+        runs.append((m, spec, configs, steps))
     warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 8)
+    repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else 3)
+    return {"runs": runs, "warmup": warmup, "repeats": repeats}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    p = build_parser()
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pl = plan(args, p, device.type)
+    warmup, repeats = pl["warmup"], pl["repeats"]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    results = {"device": device_name(device), "torch": torch.__version__,
-               "python": platform.python_version(), "smoke": args.smoke,
+    results = {"device": device_name(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "cuda": torch.version.cuda,
+               "python": platform.python_version(), "smoke": args.smoke, "quick": args.quick,
                "base": dict(BASE, optimizer="SGD"), "rho": RHO, "lam": LAM,
-               "warmup": warmup, "repeats": args.repeats, "models": {}}
+               "warmup": warmup, "repeats": repeats, "models": {}}
     try:
         import triton
         results["triton"] = triton.__version__
     except ImportError:
         results["triton"] = None
-    for m in models:
-        spec = MODELS[m]
-        steps = args.steps or (3 if args.smoke else (50 if spec.batch <= 128 else 20))
-        entry = {"note": spec.note, "params": count_params(spec.make()), "batch": spec.batch,
+    for m, spec, configs, steps in pl["runs"]:
+        note = spec.note
+        if spec.batch != MODELS[m].batch:
+            note += f" [run at batch {spec.batch}]"
+        entry = {"note": note, "params": count_params(spec.make()), "batch": spec.batch,
                  "input_shape": list(spec.input_shape), "steps": steps, "configs": {}}
         results["models"][m] = entry
         for c in configs:
@@ -225,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 entry["configs"][c] = {"skipped": "needs CUDA"}
                 continue
             try:
-                entry["configs"][c] = run_config(c, spec, device, steps, warmup, args.repeats)
+                entry["configs"][c] = run_config(c, spec, device, steps, warmup, repeats)
             except Exception as e:   # one failing configuration (say, out of memory) is a result too
                 entry["configs"][c] = {"error": f"{type(e).__name__}: {e}"}
                 gc.collect()
@@ -235,17 +298,20 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print(f"{m:14s} {c:20s} " + (f"{r['step_ms']:9.3f} ms/step  peak "
                                           f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else float('nan'):.3f} GiB"
                                           if "step_ms" in r else str(r)), flush=True)
-    results["targets"] = check_targets(results) if not args.smoke else []
-    for t in results["targets"]:
-        print(f"target {t['model']}: {t['what']} = "
-              f"{'n/a' if t['ratio'] is None else format(t['ratio'], '.3f')} (limit {t['limit']}) "
+    results["targets"] = check_targets(results)
+    for name, t in results["targets"].items():
+        print(f"target {name}: {t['what']} = "
+              f"{'n/a' if t['value'] is None else format(t['value'], '.3f')} (goal {t['cmp']} {t['goal']}) "
               f"-> {'met' if t['met'] else 'NOT met' if t['met'] is not None else 'n/a'}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['device']}-step" + ("-smoke" if args.smoke else "")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / f"{stem}.png")
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    if args.json:
+        path = Path(args.json)
+    else:
+        path = Path(args.out) / (f"{results['device']}-step" + ("-smoke" if args.smoke else "")
+                                 + ("-quick" if args.quick else "") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    plot(results, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return results
 
 

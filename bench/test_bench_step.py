@@ -3,6 +3,7 @@ bench_step.py. Timings are reported, never asserted; GPU parts skip without CUDA
 
     python -m pytest bench/test_bench_step.py --benchmark-only
 """
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -56,9 +57,25 @@ def test_step_gpu_resnet56(benchmark, config):
     _bench(benchmark, config, "resnet56", torch.device("cuda"), warmup=8, rounds=30)
 
 
+def _graph_warmup_steps() -> int:
+    """Eager steps a graph configuration of bench_step takes before it captures:
+    the engine's warmup_steps as bench_step's own optimizer has it (CUDA), or
+    the engine's default where graphs cannot run (CPU)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        step = bench_step.make_step("sampa_streams_graph", MODELS["resnet8_tiny"].make().to(device),
+                                    device)
+        return step.__self__.engine._whole.warmup_steps
+    from sampa_fused.engines.streams import StreamsEngine
+    return inspect.signature(StreamsEngine).parameters["warmup_steps"].default
+
+
 def test_smoke_run_writes_json_and_chart(tmp_path):
-    res = bench_step.main(["--smoke", "--models", "resnet8_tiny", "--steps", "1", "--warmup", "1",
-                           "--repeats", "1", "--out", str(tmp_path)])
+    # A graph is captured and replayed at step warmup_steps + 1: run exactly
+    # that many (warmup_steps untimed, one timed) so graph_replays must be > 0.
+    warmup = _graph_warmup_steps()
+    res = bench_step.main(["--smoke", "--models", "resnet8_tiny", "--steps", "1",
+                           "--warmup", str(warmup), "--repeats", "1", "--out", str(tmp_path)])
     stem = f"{res['device']}-step-smoke"
     data = json.loads((tmp_path / f"{stem}.json").read_text())
     assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
@@ -72,4 +89,8 @@ def test_smoke_run_writes_json_and_chart(tmp_path):
             assert r["step_ms"] > 0 and r["finite"]
             assert r["loss_last"] != r["loss_first"]        # the optimizer moved the model
     if torch.cuda.is_available():
-        assert configs["sampa_streams_graph"]["graph_replays"] > 0
+        for name in ("sam_graph", "sampa_streams_graph"):
+            assert configs[name]["graph_captures"] == 1, (name, configs[name])
+            assert configs[name]["graph_replays"] > 0, (name, configs[name])
+    for key in ("device_name", "torch", "triton", "cuda", "targets"):   # the JSON convention
+        assert key in data, key

@@ -1,32 +1,127 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for sampa-fused: dependencies, then the package with
-# its compiled extension. Uses an installed torch where there is one (GPU
-# machines); pins the CPU build otherwise (an unpinned torch pulls CUDA wheels).
+# Set up a machine for sampa-fused: dependencies, then the package with its
+# compiled extension. Installs only what is missing, so a machine that has
+# everything (the GPU machine, which reaches no package registry) needs no pip.
+# Uses an installed torch where there is one (GPU machines); pins the CPU build
+# otherwise (an unpinned torch pulls CUDA wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+say() { echo "setup.sh: $*" >&2; }
+if ! command -v "$PY" >/dev/null; then
+    say "ERROR: no Python at '$PY' (set PYTHON to the interpreter to set up)"
+    exit 1
+fi
+# pip's status, not an abort under set -e: what failed is reported below
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
-if ! have torch; then
-    "$PY" -m pip install -q torch==2.13.0
+# module:package pairs. Essential: without them nothing builds or tests.
+ESSENTIAL=(numpy:numpy pytest:pytest setuptools:setuptools)
+OPTIONAL=(triton:triton==3.8.0 pytest_benchmark:pytest-benchmark tqdm:tqdm matplotlib:matplotlib
+          sklearn:scikit-learn ninja:ninja wheel:wheel)
+purpose() {
+    case $1 in
+        numpy) echo "tensor conversions, the data sets and the benchmarks" ;;
+        pytest) echo "running the tests" ;;
+        setuptools) echo "building the extension (setup.py)" ;;
+        triton) echo "backend='triton' (its tests skip without it)" ;;
+        pytest_benchmark) echo "bench/test_*.py" ;;
+        tqdm) echo "progress bars of sampa_fused.train" ;;
+        matplotlib) echo "the plots of the benchmarks and of sampa_fused.train" ;;
+        sklearn) echo "the digits data set (sampa_fused.train, scripts/main-job.sh, tests/test_train.py)" ;;
+        ninja) echo "fast extension builds (torch falls back to a slow one)" ;;
+        wheel) echo "building wheels" ;;
+        *) echo "?" ;;
+    esac
+}
+# The pairs whose module does not import, one python for all of them.
+missing_of() {
+    "$PY" - "$@" <<'EOF'
+import importlib, sys
+for pair in sys.argv[1:]:
+    try:
+        importlib.import_module(pair.split(":")[0])
+    except Exception:
+        print(pair)
+EOF
+}
+
+TORCH=torch:torch==2.13.0
+mapfile -t missing < <(missing_of "$TORCH" "${ESSENTIAL[@]}" "${OPTIONAL[@]}")
+if [ "${missing[0]:-}" = "$TORCH" ]; then
+    if ! pip_install "${TORCH#*:}"; then
+        say "ERROR: torch does not import with $PY and pip could not install ${TORCH#*:}" \
+            "(is a package registry reachable?). Install torch for $PY, then run this again."
+        exit 1
+    fi
+    missing=("${missing[@]:1}")
 fi
-missing=()
-have triton || missing+=("triton==3.8.0")
-for mod_pkg in numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark tqdm:tqdm \
-               matplotlib:matplotlib sklearn:scikit-learn ninja:ninja setuptools:setuptools \
-               wheel:wheel; do
-    have "${mod_pkg%%:*}" || missing+=("${mod_pkg#*:}")
-done
 if [ ${#missing[@]} -gt 0 ]; then
-    "$PY" -m pip install -q "${missing[@]}"
+    if ! pip_install "${missing[@]#*:}"; then
+        mapfile -t still < <(missing_of "${missing[@]}")
+        fatal=0
+        say "pip could not install what is missing (is a package registry reachable?):"
+        for pair in "${still[@]}"; do
+            mod=${pair%%:*}
+            kind=optional
+            for e in "${ESSENTIAL[@]}"; do
+                if [ "$e" = "$pair" ]; then kind=NEEDED; fatal=1; fi
+            done
+            say "  $kind: $mod (pip package ${pair#*:}): $(purpose "$mod")"
+        done
+        if [ $fatal = 1 ]; then
+            say "ERROR: install the NEEDED packages for $PY (or carry their wheels), then run this again."
+            exit 1
+        fi
+        say "continuing without the optional ones"
+    fi
 fi
-# The package from this checkout, with its extension (a CUDAExtension where torch
-# has CUDA and nvcc is found, else C++ only). Reinstalled when `import
-# sampa_fused` finds another checkout or the extension is not built.
+
+# The package from this checkout, with its extension (a CUDAExtension where
+# torch has CUDA and nvcc is found, else C++ only).
 here=$(pwd -P)/sampa_fused
+# where `import sampa_fused` leads from outside the checkout (installed, or PYTHONPATH)
 found=$(cd / && "$PY" -c "import os, sampa_fused; print(os.path.realpath(os.path.dirname(sampa_fused.__file__)))" 2>/dev/null || true)
-if [ "$found" != "$here" ] || ! (cd / && "$PY" -c "import torch, sampa_fused._C") >/dev/null 2>&1 \
-        || [ "${SAMPA_REBUILD:-0}" = 1 ]; then
-    MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+# The checkout's own extension imports (from here the checkout's package comes
+# first, but an editable install of another checkout can still supply _C).
+ext_check='import os, sys, torch, sampa_fused._C as C
+where = os.path.dirname(os.path.realpath(C.__file__))
+sys.exit(0 if where == os.path.realpath("sampa_fused") else f"sampa_fused._C comes from {where}")'
+ext_imports() { "$PY" -c "$ext_check" >/dev/null 2>&1; }
+built=(sampa_fused/_C*.so)
+[ -e "${built[0]}" ] || built=()
+build_in_place() {
+    say "building sampa_fused._C in place: $1"
+    MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace
+}
+
+if [ "${SAMPA_REBUILD:-0}" = 1 ] || ! ext_imports; then
+    if [ "${SAMPA_REBUILD:-0}" = 1 ]; then
+        why="SAMPA_REBUILD=1"
+    elif [ ${#built[@]} -gt 0 ]; then
+        why="${built[*]} does not import with $PY (built for another Python or torch)"
+    else
+        why="not built yet"
+    fi
+    if [ "$found" = "$here" ] || [ ${#built[@]} -gt 0 ]; then
+        # Installed already, or a copied tree: in place needs no pip and no registry.
+        build_in_place "$why"
+    elif ! MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation --no-deps -e .; then
+        # A fresh checkout: the editable install builds the extension too.
+        say "pip could not install the package (editable); building in place instead"
+        build_in_place "$why"
+    fi
+fi
+if [ "${SAMPA_FUSED_BUILD:-auto}" != none ] && ! ext_imports; then
+    say "ERROR: sampa_fused._C does not import with $PY after the build:"
+    "$PY" -c "$ext_check" 2>&1 | tail -n 3 >&2 || true
+    exit 1
+fi
+if [ "$found" != "$here" ]; then           # the editable install may have changed it
+    found=$(cd / && "$PY" -c "import os, sampa_fused; print(os.path.realpath(os.path.dirname(sampa_fused.__file__)))" 2>/dev/null || true)
+fi
+if [ "$found" != "$here" ]; then
+    say "note: sampa_fused is not installed for $PY${found:+ (it finds $found)}; it imports from" \
+        "$(pwd -P) when run from there (python -m pytest, scripts/*.sh) or with PYTHONPATH=$(pwd -P)"
 fi

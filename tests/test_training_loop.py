@@ -1,5 +1,8 @@
 """Issue 7: mixed precision, GradScaler, clipping, accumulation, torch.compile,
-non-finite handling -- on the torch backend and the Triton backend (interpreter)."""
+non-finite handling -- on the torch backend (CPU) and the Triton backend: on
+CUDA tensors where there is a GPU, else on CPU tensors through Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1 only without CUDA, so
+Triton on CPU tensors would be refused on a GPU machine)."""
 import copy
 import importlib.util
 
@@ -22,6 +25,16 @@ def _triton_ready():
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not _triton_ready(), reason="Triton backend not available"))]
+CUDA = torch.cuda.is_available()
+
+
+def device_for(backend: str) -> torch.device:
+    """Where a backend's test runs: Triton kernels on the GPU when there is one."""
+    return torch.device("cuda") if backend == "triton" and CUDA else torch.device("cpu")
+
+
+def on(device, batches):
+    return [tuple(t.to(device) for t in b) for b in batches]
 
 
 def close_models(a, b, **tol):
@@ -31,14 +44,15 @@ def close_models(a, b, **tol):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_autocast_in_loss_fn_learns(backend):
+    dev = device_for(backend)
     torch.manual_seed(0)
-    model = SmallNet()
+    model = SmallNet().to(dev)
 
     def loss_fn(m, b):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             return ce_loss(m, b)
     opt = SAMPa(model, loss_fn, torch.optim.SGD, rho=0.05, lam=0.2, lr=0.2, momentum=0.9, backend=backend)
-    batches = make_batches(4, batch=32)
+    batches = on(dev, make_batches(4, batch=32))
     first = [ce_loss(model, b).item() for b in batches]
     for _ in range(10):
         for b in batches:
@@ -51,15 +65,16 @@ def test_bf16_autocast_in_loss_fn_learns(backend):
 @pytest.mark.parametrize("cls", [SAMPa, SAM])
 def test_grad_scaler_matches_unscaled_and_skips_overflow(cls, backend):
     extra = dict(lam=0.3) if cls is SAMPa else {}
+    dev = device_for(backend)
     torch.manual_seed(0)
-    model = SmallNet()
+    model = SmallNet().to(dev)
     plain_model = copy.deepcopy(model)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    scaler = torch.amp.GradScaler(dev.type, init_scale=2.0 ** 12, growth_interval=2)
     opt = cls(model, ce_loss, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, grad_scaler=scaler,
               backend=backend, **extra)
     plain = cls(plain_model, ce_loss, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
                 backend=backend, **extra)
-    batches = make_batches(6)
+    batches = on(dev, make_batches(6))
     for b in batches[:3]:
         opt.step(b)
         plain.step(b)
@@ -91,8 +106,9 @@ def test_grad_scaler_matches_unscaled_and_skips_overflow(cls, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", [SAMPa, SAM])
 def test_clipping_equals_clip_grad_norm(cls, backend):
+    dev = device_for(backend)
     torch.manual_seed(0)
-    model = SmallNet()
+    model = SmallNet().to(dev)
     ref_model = copy.deepcopy(model)
     kw = dict(rho=0.1, lr=0.1, momentum=0.9, max_grad_norm=0.05)
     if cls is SAMPa:
@@ -101,17 +117,17 @@ def test_clipping_equals_clip_grad_norm(cls, backend):
     else:
         opt = SAM(model, ce_loss, torch.optim.SGD, backend=backend, **kw)
         ref = RefSAM(ref_model, ce_loss, torch.optim.SGD, **kw)
-    for b in make_batches(5):
+    for b in on(dev, make_batches(5)):
         opt.step(b)
         ref.step(b)
     close_models(model, ref_model)
     # and clipping was active: the unclipped run ends elsewhere
     torch.manual_seed(0)
-    free = SmallNet()
+    free = SmallNet().to(dev)
     kw.pop("max_grad_norm")
     o_free = (SAMPa(free, ce_loss, torch.optim.SGD, lam=0.3, backend=backend, **kw) if cls is SAMPa
               else SAM(free, ce_loss, torch.optim.SGD, backend=backend, **kw))
-    for b in make_batches(5):
+    for b in on(dev, make_batches(5)):
         o_free.step(b)
     assert any((p - q).abs().max() > 1e-3 for p, q in zip(free.parameters(), model.parameters()))
 
@@ -120,15 +136,16 @@ def test_clipping_equals_clip_grad_norm(cls, backend):
 @pytest.mark.parametrize("cls", [SAMPa, SAM])
 def test_accumulation_equals_big_batch(cls, backend):
     extra = dict(lam=0.2) if cls is SAMPa else {}
+    dev = device_for(backend)
     torch.manual_seed(0)
-    big = SmallNet(bn=False)          # batch norm would see per-micro-batch statistics
+    big = SmallNet(bn=False).to(dev)  # batch norm would see per-micro-batch statistics
     acc = copy.deepcopy(big)
     lst = copy.deepcopy(big)
     o_big = cls(big, ce_loss, torch.optim.AdamW, rho=0.1, lr=1e-2, backend=backend, **extra)
     o_acc = cls(acc, ce_loss, torch.optim.AdamW, rho=0.1, lr=1e-2, accumulation_steps=3,
                 backend=backend, **extra)
     o_lst = cls(lst, ce_loss, torch.optim.AdamW, rho=0.1, lr=1e-2, backend=backend, **extra)
-    for b in make_batches(4, batch=10):    # 10 = 4 + 3 + 3: unequal micro-batches
+    for b in on(dev, make_batches(4, batch=10)):    # 10 = 4 + 3 + 3: unequal micro-batches
         l_big = o_big.step(b)
         l_acc = o_acc.step(b)
         l_lst = o_lst.step(MicroBatches([(b[0][:6], b[1][:6]), (b[0][6:], b[1][6:])]))
@@ -147,23 +164,25 @@ def test_accumulation_refuses_too_small_batch():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_model(backend):
+    dev = device_for(backend)
     torch.manual_seed(0)
-    eager = SmallNet()
+    eager = SmallNet().to(dev)
     compiled_src = copy.deepcopy(eager)
     compiled = torch.compile(compiled_src, backend="aot_eager")
     o_e = SAMPa(eager, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9, backend=backend)
     o_c = SAMPa(compiled, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9, backend=backend)
-    for b in make_batches(4):
+    for b in on(dev, make_batches(4)):
         torch.testing.assert_close(o_c.step(b), o_e.step(b), **TOL)
     close_models(compiled_src, eager)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nonfinite_skip_counts(backend):
+    dev = device_for(backend)
     torch.manual_seed(0)
-    model = SmallNet()
+    model = SmallNet().to(dev)
     opt = SAMPa(model, ce_loss, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, nonfinite="skip", backend=backend)
-    batches = make_batches(3)
+    batches = on(dev, make_batches(3))
     opt.step(batches[0])
     x = [p.detach().clone() for p in model.parameters()]
     bad = (batches[1][0].clone(), batches[1][1])
