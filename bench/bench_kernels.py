@@ -160,58 +160,80 @@ def wall(device, fn: Callable, warmup: int, reps: int) -> float:
 
 
 # ---------------------------------------------------------------- flat buffers
-def flat_buffers(shapes, device, dtype, state_names, seed=0):
-    """SlabBuffers over `shapes` with random contents (one slab, one group)."""
-    import torch
-    from sampa_fused.flat import build_slabs
-    from sampa_fused.optim import SlabBuffers
-    tensors = [torch.empty(s, device="meta", dtype=dtype) for s in shapes]
-    slab, = build_slabs(tensors, [0] * len(tensors))
-    slab.device = torch.device(device)
-    b = SlabBuffers(slab, True, list(state_names))
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name in ("x", "x_save", "g", "y", "gy_new", "gy"):
-        getattr(b, name).normal_(generator=gen)
-    for name, t in b.state.items():
-        t.normal_(generator=gen)
-        if "sq" in name:
-            t.abs_()
-    return b
+class Backend:
+    """Where the update layer runs: 'triton' (with a launch config) or 'torch'."""
+
+    def __init__(self, name: str, config=None):
+        self.name, self.config = name, config
 
 
-def sgd_hp():
-    from sampa_fused.rules import SGDRule
-    return SGDRule.hyper(dict(lr=LR, momentum=MOMENTUM, dampening=0.0, nesterov=False,
-                              weight_decay=WD, maximize=False))
+class Flat:
+    """One layout of `shapes` (one slab, one param group) with random buffers,
+    updated through the optimizer's own update layer (sampa_fused.update), at
+    a steady-state step count."""
+
+    def __init__(self, shapes, device, backend: Backend, rule_name: str = "sgd", seed=0, step=3):
+        import torch
+        from sampa_fused.state import FlatState
+        from sampa_fused.update import Update, adamw, sgd
+        rule = {"sgd": sgd, "adamw": adamw}[rule_name]
+        hp = (sgd.hyper(dict(lr=LR, momentum=MOMENTUM, dampening=0.0, nesterov=False, weight_decay=WD,
+                             maximize=False), "bench") if rule_name == "sgd" else
+              adamw.hyper(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                               maximize=False), "bench"))
+        params = [torch.nn.Parameter(torch.empty(s, device=device)) for s in shapes]
+        self.flat = FlatState(params, [0] * len(params), [f"p{i}" for i in range(len(params))],
+                              ("x", "x_save", "g", "y", "gy_new", "gy"), rule, backend.name)
+        self.rep = self.flat.primary
+        self.update = Update(rule, self.flat)
+        if backend.config is not None:
+            self.update._cfgs[self.rep.device] = backend.config
+        self.flat.allocate_state([hp], [self.rep])
+        self.flat.set_counts([step] * len(params))
+        self.update.refresh([(hp, RHO, LAM)], [self.rep])
+        self.b = self.rep.slabs[0]
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for name in ("x", "x_save", "g", "y", "gy_new", "gy"):
+            getattr(self.b, name).normal_(generator=gen)
+        for name, t in self.b.state.items():
+            t.normal_(generator=gen)
+            if "sq" in name:
+                t.abs_()
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        self.rep.gy_sq.fill_(9.0)             # ||gy|| = 3
+
+    def pre(self):
+        self.update.sampa_pre([self.rep])
+
+    def check(self):
+        return self.update.check([self.rep], (), ("g", "gy_new"), "gy_new", [None])[0]
+
+    def post(self):
+        self.update.sampa_post([self.rep], [(self.ok, self.rep.gy_sq)], [None])
+
+    def perturb(self):
+        self.update.sam_perturb([self.rep], [(self.ok, self.rep.gy_sq)], [None])
+
+    def sam_post(self):
+        self.update.sam_post([self.rep], [(self.ok, self.rep.gy_sq)], [None])
 
 
-def adamw_hp():
-    from sampa_fused.rules import AdamWRule
-    return AdamWRule.hyper(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                                amsgrad=False, maximize=False))
-
-
-def kernel_calls(P: int, device, backend) -> Tuple[Dict[str, Callable], list]:
+def kernel_calls(P: int, device, backend: Backend) -> Tuple[Dict[str, Callable], list]:
     """One callable per kernel on fp32 buffers of P elements (steady state: step 3)."""
-    import torch
-    from sampa_fused.rules import AdamWRule, SGDRule
-    bs = flat_buffers([(P,)], device, torch.float32, ["momentum_buffer"])
-    ba = flat_buffers([(P,)], device, torch.float32, ["exp_avg", "exp_avg_sq"], seed=1)
-    bs.g.mul_(1e-3)                    # keep repeated in-place steps finite
-    ba.g.mul_(1e-3)
-    seg_s, seg_a = bs.slab.segments[0], ba.slab.segments[0]
-    norm = torch.tensor(3.0, device=device)
-    hs, ha = sgd_hp(), adamw_hp()
+    fs = Flat([(P,)], device, backend, "sgd")
+    fa = Flat([(P,)], device, backend, "adamw", seed=1)
+    fs.b.g.mul_(1e-3)                  # keep repeated in-place steps finite
+    fa.b.g.mul_(1e-3)
     calls = {
-        "sgd_pre": lambda: backend.sampa_pre(bs, seg_s, SGDRule, hs, 3, RHO, norm),
-        "sgd_post": lambda: backend.sampa_post(bs, seg_s, SGDRule, hs, 3, LAM),
-        "adamw_pre": lambda: backend.sampa_pre(ba, seg_a, AdamWRule, ha, 3, RHO, norm),
-        "adamw_post": lambda: backend.sampa_post(ba, seg_a, AdamWRule, ha, 3, LAM),
-        "sam_perturb": lambda: backend.sam_perturb(bs, seg_s, RHO, norm),
-        "sam_post": lambda: backend.sam_post(bs, seg_s, SGDRule, hs, 3),
-        "check": lambda: backend.check([bs], (), ("g", "gy_new"), "gy_new"),
+        "sgd_pre": fs.pre,
+        "sgd_post": fs.post,
+        "adamw_pre": fa.pre,
+        "adamw_post": fa.post,
+        "sam_perturb": fs.perturb,
+        "sam_post": fs.sam_post,
+        "check": fs.check,
     }
-    return calls, [bs, ba]
+    return calls, [fs.b, fa.b]
 
 
 def bench_kernels(device, sizes: Sequence[int], backend, warmup: int, reps: int, inner: int,
@@ -247,18 +269,14 @@ def bench_kernels(device, sizes: Sequence[int], backend, warmup: int, reps: int,
 # ---------------------------------------------------------------- steps
 class FlatStep:
     """The elementwise part of one SAMPa step as the optimizer runs it on flat
-    buffers: pre-gradient update per segment, check, post-gradient update."""
+    buffers: the pre-gradient update, the check, the post-gradient update."""
 
-    def __init__(self, shapes, device, backend):
-        import torch
-        from sampa_fused.rules import SGDRule
-        self.b = flat_buffers(shapes, device, torch.float32, ["momentum_buffer"])
-        self.b.g.mul_(1e-3)
-        self.b.gy.mul_(1e-3)
-        self.b.gy_new.mul_(1e-3)
-        self.backend, self.rule, self.hp = backend, SGDRule, sgd_hp()
-        self.gy_sq = self.b.gy.square().sum()
-        self.step_count = 1
+    def __init__(self, shapes, device, backend: Backend):
+        self.f = Flat(shapes, device, backend, "sgd", step=1)
+        self.b = self.f.b
+        for n in ("g", "gy", "gy_new"):
+            getattr(self.b, n).mul_(1e-3)
+        self.f.rep.gy_sq.copy_(self.b.gy.square().sum())
 
     def load(self, x, buf, gy, g, gy_new):
         """Dense P-vectors into the (padded) flat buffers; padding set to 0."""
@@ -270,18 +288,14 @@ class FlatStep:
             for v in b.slab.views(dst):
                 v.copy_(src[off:off + v.numel()].view_as(v))
                 off += v.numel()
-        self.gy_sq = b.gy.square().sum()
+        self.f.rep.gy_sq.copy_(b.gy.square().sum())
 
     def step(self):
-        b, backend = self.b, self.backend
-        gy_norm = self.gy_sq.sqrt()
-        for seg in b.slab.segments:
-            backend.sampa_pre(b, seg, self.rule, self.hp, self.step_count, RHO, gy_norm)
+        f = self.f
+        f.pre()
         # (the two gradient passes run here)
-        ok, sq = backend.check([b], (), ("g", "gy_new"), "gy_new")
-        for seg in b.slab.segments:
-            backend.sampa_post(b, seg, self.rule, self.hp, self.step_count, LAM)
-        self.gy_sq = sq
+        checks = f.update.check([f.rep], (), ("g", "gy_new"), "gy_new", [None])
+        f.update.sampa_post([f.rep], checks, [None])
 
     def flat_x(self):
         return __import__("torch").cat([v.flatten() for v in self.b.slab.views(self.b.x)])
@@ -419,7 +433,6 @@ class LoopStep:
 def bench_steps(device, lists: Sequence[str], backend, warmup: int, reps: int, log=print,
                 methods: Sequence[str] = STEP_METHODS) -> List[dict]:
     import torch
-    from sampa_fused.backends.torch_backend import TorchBackend
     rows = []
     for name in lists:
         shapes = param_shapes(name)
@@ -431,7 +444,7 @@ def bench_steps(device, lists: Sequence[str], backend, warmup: int, reps: int, l
             if m == "fused":
                 st = FlatStep(shapes, device, backend)
             elif m == "flat":
-                st = FlatStep(shapes, device, TorchBackend())
+                st = FlatStep(shapes, device, Backend("torch"))
             elif m == "foreach":
                 st = ForeachStep(shapes, device)
             elif m == "loop":
@@ -628,8 +641,7 @@ def main(argv=None) -> dict:
 
     import torch
     import triton
-    from sampa_fused.backends.triton_backend import TritonBackend
-    from sampa_fused.kernels import default_config
+    from sampa_fused.update.common import default_config
 
     device = torch.device(dev_text)
     if device.type == "cuda":
@@ -648,7 +660,7 @@ def main(argv=None) -> dict:
     cfg = default_config(device)
     changes = {k: v for k, v in (("block", args.block), ("num_warps", args.num_warps)) if v is not None}
     cfg = dataclasses.replace(cfg, **changes)
-    backend = TritonBackend(device, cfg)
+    backend = Backend("triton", cfg)
 
     print(f"device {device} ({device_name(device)}), torch {torch.__version__}, triton {triton.__version__}, "
           f"config {cfg}")

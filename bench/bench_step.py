@@ -141,7 +141,7 @@ def run_config(config: str, spec, device: torch.device, steps: int, warmup: int,
     else:
         out["peak_mem_gib"] = None
     opt = getattr(step, "__self__", None)
-    whole = getattr(getattr(opt, "engine", None), "_whole", None)
+    whole = getattr(getattr(opt, "engine", None), "graph", None)
     if whole is not None:
         out["graph_captures"], out["graph_replays"] = whole.captures, whole.replays
     del step, model, batches, opt, whole

@@ -31,8 +31,6 @@ import bench_kernels as bk  # noqa: E402
 
 bk._setup_env("cuda" if CUDA else "cpu")
 
-from sampa_fused.backends.torch_backend import TorchBackend  # noqa: E402
-from sampa_fused.backends.triton_backend import TritonBackend  # noqa: E402
 
 DEV = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
 P = (1 << 24) if CUDA else 20_011
@@ -55,14 +53,14 @@ def _timed(benchmark, fn, rounds):
 
 @pytest.fixture(scope="module")
 def backend():
-    return TritonBackend(DEV)
+    return bk.Backend("triton")
 
 
 @pytest.mark.parametrize("kernel", list(bk.KERNEL_PASSES))
 def test_kernel(benchmark, backend, kernel):
     calls, bufs = bk.kernel_calls(P, DEV, backend)
     # Correct before timed: one call against the torch backend on a copy.
-    ref_calls, ref_bufs = bk.kernel_calls(P, DEV, TorchBackend())
+    ref_calls, ref_bufs = bk.kernel_calls(P, DEV, bk.Backend("torch"))
     out, ref = calls[kernel](), ref_calls[kernel]()
     if kernel == "check":
         assert bool(out[0]) and bool(ref[0])
@@ -90,10 +88,10 @@ def test_sampa_step_elementwise(benchmark, backend, method):
     gen = torch.Generator(device=DEV).manual_seed(3)
     init = [torch.randn(n, device=DEV, generator=gen) * s for s in (1.0, 1e-2, 1e-3, 1e-3, 1e-3)]
     make = {"fused": lambda: bk.FlatStep(shapes, DEV, backend),
-            "flat": lambda: bk.FlatStep(shapes, DEV, TorchBackend()),
+            "flat": lambda: bk.FlatStep(shapes, DEV, bk.Backend("torch")),
             "foreach": lambda: bk.ForeachStep(shapes, DEV),
             "loop": lambda: bk.LoopStep(shapes, DEV)}
-    st, ref = make[method](), bk.FlatStep(shapes, DEV, TorchBackend())
+    st, ref = make[method](), bk.FlatStep(shapes, DEV, bk.Backend("torch"))
     for s in (st, ref):
         s.load(*init)
         s.step()

@@ -65,7 +65,7 @@ def _graph_warmup_steps() -> int:
         device = torch.device("cuda")
         step = bench_step.make_step("sampa_streams_graph", MODELS["resnet8_tiny"].make().to(device),
                                     device)
-        return step.__self__.engine._whole.warmup_steps
+        return step.__self__.engine.graph.warmup_steps
     from sampa_fused.engines.streams import StreamsEngine
     return inspect.signature(StreamsEngine).parameters["warmup_steps"].default
 
