@@ -45,6 +45,10 @@ class TorchCuda:
     def current_device(self) -> int:
         return torch.cuda.current_device()
 
+    def device_of(self, t: torch.Tensor) -> torch.device:
+        """The (logical) device a tensor lives on."""
+        return t.device
+
     def to_device(self, t: torch.Tensor, device) -> torch.Tensor:
         """A copy of `t` on `device` (a logical device)."""
         return t.to(device, non_blocking=True)
@@ -133,6 +137,7 @@ logical = _forward("logical")
 physical = _forward("physical")
 current_device = _forward("current_device")
 to_device = _forward("to_device")
+device_of = _forward("device_of")
 move_module = _forward("move_module")
 Stream = _forward("Stream")
 current_stream = _forward("current_stream")

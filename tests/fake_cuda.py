@@ -49,7 +49,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sampa_fused import _cuda
 
-_TAG = "fake_cuda_stream"      # autograd Node metadata: (device index, stream) of its forward
+_TAG = "fake_cuda_stream"      # autograd Node metadata: the stream of its forward
+HOST = -1                      # the "device" of host memory
 
 
 class StreamOrderError(RuntimeError):
@@ -327,7 +328,7 @@ class FakeCuda:
         """A copy on another (logical) device: as torch copies between devices,
         on the source's current stream, synchronised with the destination's."""
         d = self._index(device)
-        src_dev = self.device_of(t)
+        src_dev = self.device_index(t)
         src_dev = self.cur_dev if src_dev is None else src_dev
         if src_dev == d:
             return t
@@ -513,7 +514,7 @@ class FakeCuda:
             return
         st = t.untyped_storage()
         key = st.data_ptr()
-        if key == 0:
+        if key == 0 or self._dev_of.get(key) == HOST:
             return
         self._keep.setdefault(key, st)
         es = t.element_size()
@@ -546,24 +547,38 @@ class FakeCuda:
         if self._bw and self._bw[-1]["now"] is not None:
             return self._bw[-1]["now"]
         for t in tensors:
-            d = self.device_of(t)
+            d = self.device_index(t)
             if d is not None:
                 return self.current[d]
         return self.current[self.cur_dev]
 
-    def device_of(self, t: torch.Tensor) -> Optional[int]:
+    def device_index(self, t: torch.Tensor) -> Optional[int]:
         """The device a tensor's memory belongs to: where it was allocated,
-        or cuda:0 for memory allocated before the block (the CPU is cuda:0)."""
+        or cuda:0 for memory allocated before the block (the CPU is cuda:0);
+        None for host memory (see `host`)."""
         if t.device.type != "cpu" or t.numel() == 0:
             return None
-        return self._dev_of.get(t.untyped_storage().data_ptr(), 0)
+        d = self._dev_of.get(t.untyped_storage().data_ptr(), 0)
+        return None if d == HOST else d
+
+    def device_of(self, t: torch.Tensor) -> torch.device:
+        if t.numel() and self._dev_of.get(t.untyped_storage().data_ptr()) == HOST:
+            return torch.device("cpu")
+        d = self.device_index(t)
+        return torch.device("cuda", 0 if d is None else d)
+
+    def host(self, t: torch.Tensor) -> torch.Tensor:
+        """Mark `t`'s memory as host memory (a CPU batch): no stream owns it."""
+        if t.numel():
+            self._dev_of[t.untyped_storage().data_ptr()] = HOST
+        return t
 
     def cross_device(self, name: str, reads, writes):
         """(source stream, destination stream) for a copy between two devices."""
         if self._override or self._bw or name not in ("copy_", "_foreach_copy_") or not writes:
             return None
-        src = self.device_of(reads[0]) if reads else None
-        dst = self.device_of(writes[0])
+        src = self.device_index(reads[0]) if reads else None
+        dst = self.device_index(writes[0])
         if src is None or dst is None or src == dst:
             return None
         return self.current[src], self.current[dst]

@@ -52,7 +52,7 @@ def _to_device(batch, src: torch.device, dst: torch.device, stream):
     """The batch for device B: tensors on device A are copied over; on one
     device they are shared and recorded on the y-pass stream."""
     def move(t):
-        if _cuda.logical(t.device) != src:
+        if _cuda.device_of(t) != src:
             return t
         if src == dst:
             _cuda.record_stream(t, stream)
