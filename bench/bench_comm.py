@@ -934,6 +934,7 @@ def _engine_spec(ctx: Ctx, on_cuda: bool):
 def distributed_step(ctx: Ctx) -> Dict:
     """SAMPa on the distributed engine over every rank (public API only)."""
     from models_bench import cross_entropy
+
     from sampa_fused import SAMPa
     a = ctx.args
     on_cuda = ctx.backend == "nccl"
@@ -980,6 +981,7 @@ def distributed_step(ctx: Ctx) -> Dict:
 def peer_step(ctx: Ctx) -> Dict:
     """SAMPa on the peer engine, this process only (rank 0 after the group is gone)."""
     from models_bench import cross_entropy
+
     from sampa_fused import SAMPa
     a = ctx.args
     pair = (ctx.gpu, ctx.peer_gpu)

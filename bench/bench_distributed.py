@@ -72,6 +72,7 @@ def _rank(rank, world, init_file, name, args, out_path):
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch.distributed as dist
+
     from sampa_fused import SAM, SAMPa
     try:
         _, method, engine, options = CONFIGS[name]

@@ -174,6 +174,7 @@ class Flat:
 
     def __init__(self, shapes, device, backend: Backend, rule_name: str = "sgd", seed=0, step=3):
         import torch
+
         from sampa_fused.state import FlatState
         from sampa_fused.update import Update, adamw, sgd
         rule = {"sgd": sgd, "adamw": adamw}[rule_name]
@@ -555,8 +556,8 @@ def plot(result: dict, path: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in steps))
     w = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
-        vals = [next((r["time_s"] * 1e6 for r in steps if r["list"] == l and r["method"] == m), 0)
-                for l in lists]
+        vals = [next((r["time_s"] * 1e6 for r in steps if r["list"] == name and r["method"] == m), 0)
+                for name in lists]
         axes[2].bar([i + j * w for i in range(len(lists))], vals, w, label=m)
     axes[2].set_xticks([i + w * (len(methods) - 1) / 2 for i in range(len(lists))])
     axes[2].set_xticklabels(lists)
@@ -641,6 +642,7 @@ def main(argv=None) -> dict:
 
     import torch
     import triton
+
     from sampa_fused.update.common import default_config
 
     device = torch.device(dev_text)

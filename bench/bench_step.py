@@ -51,6 +51,7 @@ except ImportError:      # run from a checkout without installing the package
 sys.path.insert(0, str(HERE))
 
 from models_bench import MODELS, count_params, cross_entropy  # noqa: E402
+
 from sampa_fused import SAM, SAMPa  # noqa: E402
 
 CONFIGS = ("sgd", "sam", "sam_graph", "sampa_serial", "sampa_streams", "sampa_streams_graph")
@@ -71,6 +72,10 @@ QUICK = {
                      steps=5),
 }
 QUICK_REPEATS = 3
+
+
+def _gib(v):
+    return v if v is not None else float("nan")
 
 
 def device_name(device: torch.device) -> str:
@@ -296,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                     torch.cuda.empty_cache()
             r = entry["configs"][c]
             print(f"{m:14s} {c:20s} " + (f"{r['step_ms']:9.3f} ms/step  peak "
-                                          f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else float('nan'):.3f} GiB"
+                                          f"{_gib(r['peak_mem_gib']):.3f} GiB"
                                           if "step_ms" in r else str(r)), flush=True)
     results["targets"] = check_targets(results)
     for name, t in results["targets"].items():

@@ -154,6 +154,7 @@ def test_bench_comm_quick_gpu(tmp_path):
 def test_bench_peer_step_resnet56(benchmark, variant):
     _ext_or_skip(need_cuda=True)
     from models_bench import MODELS, cross_entropy
+
     from sampa_fused import SAMPa
     spec = MODELS["resnet56"]
     a = torch.device(_pair()[0])

@@ -19,7 +19,8 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 # module:package pairs. Essential: without them nothing builds or tests.
 ESSENTIAL=(numpy:numpy pytest:pytest setuptools:setuptools)
 OPTIONAL=(triton:triton==3.8.0 pytest_benchmark:pytest-benchmark tqdm:tqdm matplotlib:matplotlib
-          sklearn:scikit-learn ninja:ninja wheel:wheel)
+          sklearn:scikit-learn ninja:ninja wheel:wheel ruff:ruff safetensors:safetensors
+          accelerate:accelerate lightning:lightning)
 purpose() {
     case $1 in
         numpy) echo "tensor conversions, the data sets and the benchmarks" ;;
@@ -32,6 +33,8 @@ purpose() {
         sklearn) echo "the digits data set (sampa_fused.train, scripts/main-job.sh, tests/test_train.py)" ;;
         ninja) echo "fast extension builds (torch falls back to a slow one)" ;;
         wheel) echo "building wheels" ;;
+        ruff) echo "the lint step of scripts/test.sh" ;;
+        safetensors|accelerate|lightning) echo "the tests of saving and training loops with $1 (they skip without it)" ;;
         *) echo "?" ;;
     esac
 }

@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-SAMPA_REQUIRE_EXT=${SAMPA_REQUIRE_EXT:-1} exec "${PYTHON:-python3}" -m pytest tests -q "$@"
+PY=${PYTHON:-python3}
+if "$PY" -m ruff --version >/dev/null 2>&1; then
+    "$PY" -m ruff check .              # lint: pyproject.toml's [tool.ruff]
+else
+    echo "ruff is not installed here: lint skipped"
+fi
+SAMPA_REQUIRE_EXT=${SAMPA_REQUIRE_EXT:-1} exec "$PY" -m pytest tests -q "$@"

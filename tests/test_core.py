@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from reference import RefSAM, RefSAMPa, SmallNet, ce_loss, make_batches, params_of
 
 from sampa_fused import SAM, SAMPa
-from reference import RefSAM, RefSAMPa, SmallNet, ce_loss, make_batches, params_of
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -138,7 +138,10 @@ def test_sampa_matches_reference(base, kw, lam):
         torch.testing.assert_close(p, q, **TOL)   # batch-norm stats follow the x̃-pass
 
 
-@pytest.mark.parametrize("base,kw", BASES[1:2] + BASES[5:6] + BASES[7:8], ids=_ids(BASES[1:2] + BASES[5:6] + BASES[7:8]))
+SOME_BASES = BASES[1:2] + BASES[5:6] + BASES[7:8]
+
+
+@pytest.mark.parametrize("base,kw", SOME_BASES, ids=_ids(SOME_BASES))
 def test_sam_matches_reference(base, kw):
     model = SmallNet()
     ref_model = copy.deepcopy(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import gc
 import os
 import sys
 import tempfile
@@ -426,6 +427,8 @@ def _scenario_replicas(rank, world):
     res["cache"] = _steps(opt, data[:2])
 
     # close() destroys the engine's group; the optimizer refuses to step.
+    del opt                  # the previous optimizer's engine closes its group now, not during the count
+    gc.collect()
     before = len(c10d._world.pg_map)
     opt = SAMPa(make_net(False), loss_fn, torch.optim.SGD, lr=0.1, engine="distributed")
     during = len(c10d._world.pg_map)
@@ -804,7 +807,7 @@ def test_torchrun_launch_initializes_the_group(tmp_path):
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = sorted((tmp_path / f"rank{r}.txt").read_text().split() for r in range(2))
-    assert [(l[1], l[2]) for l in lines] == [("0", "x"), ("1", "y")]
+    assert [(ln[1], ln[2]) for ln in lines] == [("0", "x"), ("1", "y")]
     assert lines[0][3] == lines[1][3]
 
 

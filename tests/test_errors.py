@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from reference import SmallNet, assert_same, ce_loss, make_batches, snapshot
 
 from sampa_fused import SAM, SAMPa
-from reference import SmallNet, assert_same, ce_loss, make_batches, snapshot
 
 
 def make(cls=SAMPa, **kw):

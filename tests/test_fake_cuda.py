@@ -2,8 +2,8 @@
 would get wrong, or the engine tests that use it prove nothing."""
 import pytest
 import torch
-
 from fake_cuda import CaptureError, StreamOrderError, fake_cuda
+
 from sampa_fused import _cuda
 
 

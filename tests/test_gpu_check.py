@@ -231,7 +231,7 @@ def test_exit_2_without_cuda(tmp_path):
     p = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), str(out)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
-    lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and "no CUDA device" in lines[0], lines
     assert not out.exists()                       # nothing was run, nothing written
 
@@ -244,7 +244,7 @@ def test_exit_2_when_torch_is_missing(tmp_path):
     p = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 2
-    lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and "no torch here" in lines[0], lines
 
 
@@ -317,15 +317,15 @@ def test_summary_files_and_text(sample):
     assert text == gc.format_summary(s) + "\n"
     assert len(text) < 12_000                     # fits in a device run's output tail
     lines = text.splitlines()
-    row = lambda start: next(l for l in lines if l.startswith(start)).split()  # noqa: E731
+    row = lambda start: next(ln for ln in lines if ln.startswith(start)).split()  # noqa: E731
     assert row("tests/test_streams_engine.py")[1:5] == ["6", "1", "1", "0"]
     assert row("total")[1:5] == ["24", "3", "6", "2"]
     assert row("kernels bandwidth_adamw_post_fraction_of_copy")[2:] == ["0.884", ">=", "0.9", "NO"]
     assert row("step resnet56_sampa_streams_graph_vs_sgd")[-1] == "yes"
     assert row("bench-tests")[1:3] == ["timeout", "124"]
-    assert any("still running: bench/test_bench_comm.py::test_bench_peer_step_resnet56[overlap]" in l
-               for l in lines)
-    verdict = next(l for l in lines if l.startswith("verdict:"))
+    assert any("still running: bench/test_bench_comm.py::test_bench_peer_step_resnet56[overlap]" in ln
+               for ln in lines)
+    verdict = next(ln for ln in lines if ln.startswith("verdict:"))
     assert verdict.startswith("verdict: NOT OK; stages failed: tests-engines, tests, bench-tests, bench-comm")
     assert "targets 10 met, 2 not met, 1 not measured" in verdict
 
@@ -627,16 +627,16 @@ def test_setup_sh_fresh_checkout_tries_the_editable_install_then_builds_in_place
 
 
 def test_setup_sh_names_what_is_missing_when_pip_fails(offline):
-    offline.hide("tqdm")
+    offline.hide("ninja")            # nothing else imports it (lightning imports tqdm)
     p = offline.run()
     assert p.returncode == 0, p.stderr             # optional: goes on without it
-    assert offline.pip_calls == ["install -q --disable-pip-version-check tqdm"]
-    assert "registry" in p.stderr and "optional: tqdm" in p.stderr
+    assert offline.pip_calls == ["install -q --disable-pip-version-check ninja"]
+    assert "registry" in p.stderr and "optional: ninja" in p.stderr
     offline.hide("pytest")
     p = offline.run()
     assert p.returncode == 1
-    assert "NEEDED: pytest" in p.stderr and "optional: tqdm" in p.stderr
-    assert offline.pip_calls[-1] == "install -q --disable-pip-version-check pytest tqdm"
+    assert "NEEDED: pytest" in p.stderr and "optional: ninja" in p.stderr
+    assert offline.pip_calls[-1] == "install -q --disable-pip-version-check pytest ninja"
 
 
 def test_setup_sh_installs_the_cpu_torch_when_torch_is_missing(offline):

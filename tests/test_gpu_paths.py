@@ -14,9 +14,9 @@ import copy
 
 import pytest
 import torch
-
 from fake_cuda import fake_cuda
 from reference import SmallNet, ce_loss, make_batches
+
 from sampa_fused import SAM, SAMPa
 
 STEPS = 10

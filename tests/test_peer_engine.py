@@ -9,16 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fake_cuda import fake_cuda
 
-from sampa_fused import SAM, SAMPa
-from sampa_fused import _ext
+from sampa_fused import SAM, SAMPa, _ext
 from sampa_fused.batching import MicroBatches
-from sampa_fused.engines import peer
 from sampa_fused.engines.buckets import BucketExchange, plan_buckets
 from sampa_fused.engines.peer import _to_device
 from sampa_fused.flat import build_slabs
-
-from fake_cuda import fake_cuda
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

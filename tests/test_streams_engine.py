@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from fake_cuda import fake_cuda
 from reference import SmallNet, assert_same, ce_loss, make_batches, snapshot
+
 from sampa_fused import SAM, SAMPa, tree
 from sampa_fused.batching import MicroBatches
 from sampa_fused.update import adamw, sgd
@@ -131,6 +131,14 @@ def _pair(cls, base, graph_kw, groups=None, model=None, **kw):
 def _assert_same_models(a, b):
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def _assert_models_close(a, b, rtol=1e-5, atol=1e-6):
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        if p.is_floating_point():
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=n)
+        else:
+            assert torch.equal(p, q), n
 
 
 def _assert_same_state(ref, opt):

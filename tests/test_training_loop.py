@@ -8,12 +8,10 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from reference import RefSAM, RefSAMPa, SmallNet, _same_tree, ce_loss, make_batches
 
 from sampa_fused import SAM, SAMPa
 from sampa_fused.batching import MicroBatches
-from reference import RefSAM, RefSAMPa, SmallNet, _same_tree, ce_loss, make_batches
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

@@ -2,9 +2,9 @@
 (tests/trajectories.py), within 1e-6 relative."""
 import pytest
 import torch
+from trajectories import CONFIGS, DATA, run
 
 from sampa_fused import SAM
-from trajectories import CONFIGS, DATA, run
 
 RECORDED = torch.load(DATA)
 

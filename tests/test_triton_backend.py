@@ -6,7 +6,6 @@ sizes stay small. GPU-only checks (no host sync, > 2^31 elements) skip here.
 """
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -890,6 +889,7 @@ def test_cuda_no_host_sync_in_update_calls():
 def test_cuda_buffer_past_int32_elements():
     """Offsets are int64: the elements past 2^31 are updated too."""
     import types
+
     from sampa_fused.update.common import default_config, triton_perturb
     from sampa_fused.update.table import ROW
     n = 2 ** 31 + 1000

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from reference import RefSAM, RefSAMPa, SmallNet, ce_loss, make_batches
 
 from sampa_fused import SAM, SAMPa
-from reference import RefSAM, RefSAMPa, SmallNet, ce_loss, make_batches
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

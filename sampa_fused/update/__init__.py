@@ -22,8 +22,20 @@ import torch
 
 from .. import _cuda
 from . import adamw, sgd
-from .common import (EPS, clip_coef, default_config, mix, perturbation, require_triton, torch_check,
-                     triton, triton_check, triton_perturb, unscaled, upcast)
+from .common import (
+    EPS,
+    clip_coef,
+    default_config,
+    mix,
+    perturbation,
+    require_triton,
+    torch_check,
+    triton,
+    triton_check,
+    triton_perturb,
+    unscaled,
+    upcast,
+)
 from .table import LAM, OML, RHO
 
 RULES = {torch.optim.SGD: sgd, torch.optim.AdamW: adamw}

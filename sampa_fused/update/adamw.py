@@ -18,6 +18,7 @@ from .common import check_number, device_scalar, launch, triton
 from .table import RULE
 
 NAME = "adamw"
+STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")            # every name its state may hold
 OPTIMIZER = torch.optim.AdamW
 DECAY, W, B2, OMB2, STEP_SIZE, BC2, EPS_ = range(RULE, RULE + 7)     # row slots
 

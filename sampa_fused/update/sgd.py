@@ -15,9 +15,10 @@ from typing import Dict, List, Tuple
 import torch
 
 from .common import check_number, device_scalar, launch, triton
-from .table import LAM, OML, RHO, RULE
+from .table import RULE
 
 NAME = "sgd"
+STATE = ("momentum_buffer",)            # every name its state may hold
 OPTIMIZER = torch.optim.SGD
 LR, MU, DAMP1, WD, FIRST = range(RULE, RULE + 5)      # row slots
 

@@ -40,7 +40,8 @@ skipped a step whose error it caught) see different sequence numbers, and
 all raise.
 
 Dead or stuck ranks: the engine's collectives run on a process group of its
-own, created with `timeout` (default DEFAULT_TIMEOUT_S seconds); a collective
+own, created with `timeout` (default DEFAULT_TIMEOUT_S seconds), or on the
+caller's group when that spans only some ranks (then its timeout holds); a collective
 that fails makes the group unusable (restart all ranks, e.g. torchrun
 --max-restarts, and resume from a checkpoint).
 """
@@ -158,11 +159,19 @@ class DistributedEngine(Engine):
                              "group with backend='gloo' (or move the model to the GPU for nccl)")
         self._nccl = self.device.type == "cuda" and "nccl" in backend
         ranks = dist.get_process_group_ranks(parent)
-        # A group of our own: the engine's timeout holds whatever the user's
-        # group was created with, and our traffic never interleaves with theirs.
+        # Over the whole world, a group of our own: the engine's timeout holds
+        # whatever the user's group was created with, and our traffic never
+        # interleaves with theirs. On a subgroup we use the user's group: a
+        # group of only some ranks needs torch's local synchronisation, whose
+        # group names hash each rank's count of live groups, so a group freed
+        # earlier on one rank than another (garbage collection) hangs its
+        # creation.
         whole = parent is dist.group.WORLD or self.world_size == dist.get_world_size()
-        self.group = dist.new_group(ranks=ranks, timeout=self.timeout, backend=backend,
-                                    use_local_synchronization=not whole)
+        self._owns_group = whole
+        if whole:
+            self.group = dist.new_group(ranks=ranks, timeout=self.timeout, backend=backend)
+        else:
+            self.group = parent
         self._global = ranks                       # group rank -> global rank
         self._broken = False                       # a collective failed: never destroy politely
         self._desync: Optional[str] = None         # the ranks lost step: every step raises this
@@ -496,12 +505,13 @@ class DistributedEngine(Engine):
             after()
 
     def close(self) -> None:
-        """Destroy the engine's own process group (each engine creates one).
-        Local, not collective. The engine cannot step afterwards."""
+        """Destroy the engine's own process group (a caller's subgroup is left
+        alone). Local, not collective. The engine cannot step afterwards."""
         group, self.group = getattr(self, "group", None), None
         if getattr(self, "_ex", None) is not None:
             self._ex.close()
-        if group is not None and dist.is_available() and dist.is_initialized():
+        if (group is not None and getattr(self, "_owns_group", False) and dist.is_available()
+                and dist.is_initialized()):
             dist.destroy_process_group(group)
 
     def __del__(self):

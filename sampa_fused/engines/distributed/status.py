@@ -10,7 +10,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-
 FIELDS = 6      # per rank: failed, seq, held batch, new batch, buffer bytes, buffer digest
 
 
