@@ -92,11 +92,12 @@ setup(
                 "with Triton kernels, a C++/CUDA extension and several engines",
     packages=find_packages(include=["sampa_fused", "sampa_fused.*"]),
     python_requires=">=3.10",
-    # torch, triton and numpy are expected to be installed already: listing
-    # torch here would let pip replace a working install with a multi-GB
-    # download of a different build.
-    install_requires=[],
-    extras_require={"bench": ["matplotlib", "pytest-benchmark", "tqdm"],
+    # torch is what the library needs (an installed torch that satisfies this
+    # is kept as it is); Triton comes with torch's CUDA builds, and without it
+    # the torch backend runs. The CLI and the benchmarks need more: extras.
+    install_requires=["torch>=2.3"],
+    extras_require={"train": ["numpy", "tqdm", "matplotlib", "scikit-learn"],
+                    "bench": ["numpy", "matplotlib", "pytest-benchmark", "tqdm"],
                     "test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["sampa-train = sampa_fused.train:main"]},
     zip_safe=False,

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from sampa_fused import data as D
 from sampa_fused import train as T
-from sampa_fused.models import CifarResNet, SmallCNN, build_model
+from sampa_fused.train import data as D
+from sampa_fused.train.models import CifarResNet, SmallCNN, build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--train-size", "100", "--test-size", "70", "--batch-size", "32", "--epochs", "2",

@@ -95,8 +95,8 @@ def make_optimizer(method: Dict, model, args):
     hyper = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     if method["kind"] == "sgd":
         return torch.optim.SGD(model.parameters(), **hyper)
-    from .engines import ENGINE_OPTIONS
-    from .optim import SAM, SAMPa
+    from ..engines import ENGINE_OPTIONS
+    from ..optim import SAM, SAMPa
     extra = dict(args.engine_opt or [])
     unknown = sorted(set(extra) - set(ENGINE_OPTIONS))
     if unknown:
@@ -514,6 +514,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_experiment(args)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
