@@ -5,6 +5,7 @@ checks, the one host read and the bookkeeping)."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -84,6 +85,7 @@ class Sharpness(torch.optim.Optimizer):
         self.accumulation_steps = accumulation_steps
         self.adaptive = adaptive
         self.last_outputs: Any = None     # the x̃-pass's loss_fn outputs of the last step
+        self.last_loss: Optional[torch.Tensor] = None
         self.progress = Progress()
         self.guard = StepGuard(model, nonfinite, grad_scaler, cls)
         self.grad_scaler = self.guard.scaler
@@ -251,11 +253,15 @@ class Sharpness(torch.optim.Optimizer):
                 "itself. Give the GradScaler to the optimizer (grad_scaler=scaler) and call "
                 "opt.step(batch) alone; it scales, unscales, skips overflows and calls "
                 "scaler.update() itself")
+        _refuse_accelerate_accumulation(cls)
         if closure is not None:
             if batch is None:
                 raise TypeError(f"{cls}.step(closure=...): the optimizer computes both gradients "
                                 "itself by calling loss_fn(model, batch): pass the batch, "
-                                "opt.step(batch) (a closure from a trainer is then run first)")
+                                "opt.step(batch) (a closure from a trainer is then run first). "
+                                "Lightning: use manual optimization (self.automatic_optimization "
+                                "= False) and call self.optimizers().step(batch=batch) in "
+                                "training_step")
             with torch.enable_grad():
                 closure()                     # trainers' closures: run, result ignored (SPEC 2)
         if batch is None:
@@ -293,6 +299,7 @@ class Sharpness(torch.optim.Optimizer):
             progress.t += 1
             self._keep(batch)
             self.last_outputs = out.outputs
+            self.last_loss = out.loss         # accelerate's wrapper drops step's return value
         return out.loss
 
     def _keep(self, batch) -> None:
@@ -436,3 +443,15 @@ class _no_state:
         return []
 
 
+def _refuse_accelerate_accumulation(cls: str) -> None:
+    """accelerate's accumulate() skips optimizer.step on all but every k-th
+    batch, which here would drop those batches from training unseen."""
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "GradientState", None), "_shared_state", None) or {}
+    steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)
+    if steps > 1:
+        raise RuntimeError(
+            f"{cls}: accelerate's gradient accumulation (gradient_accumulation_steps={steps}) would "
+            f"skip {steps - 1} of every {steps} batches: this optimizer computes its gradients "
+            f"itself. Build the Accelerator without gradient_accumulation_steps, drop "
+            f"accelerator.accumulate(...), and pass accumulation_steps={steps} to {cls}")
