@@ -7,12 +7,14 @@ last backward (engines start their exchange there); the first-step freeze.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from . import tree
 from .batching import micro_batches
 
 _will_execute = torch._C._will_engine_execute_node
@@ -57,8 +59,18 @@ def split_loss(out, method: str, which: str):
 
 
 def _detach(outputs):
-    from . import tree
-    return tree.map_tensors(lambda t: t.detach(), outputs) if outputs is not None else None
+    """Outputs without their autograd graph (kept past the step, they would
+    hold it). A plain object (one with `.loss`) is copied with its tensor
+    attributes detached."""
+    if outputs is None:
+        return None
+    if not tree.tensors(outputs) and hasattr(outputs, "__dict__"):
+        outputs = copy.copy(outputs)
+        for name, value in vars(outputs).items():
+            if isinstance(value, torch.Tensor):
+                setattr(outputs, name, value.detach())
+        return outputs
+    return tree.map_tensors(lambda t: t.detach(), outputs)
 
 
 class PassRunner:
