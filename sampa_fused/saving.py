@@ -19,7 +19,7 @@ What changes against plain torch:
   bytes per call; buffers are untouched). Measured on 2 shared CPU cores for
   ~1M fp32 parameters (3.9 MB): 15 x Linear(256, 256) 0.04 ms -> 1.3-1.8 ms,
   120 x Linear(90, 90) 0.31 ms -> 1.0-1.1 ms; nearly all of it the copies
-  themselves (the hooks' own work: ~20 us per module). Negligible next to
+  themselves (the hooks' own work: microseconds per module). Negligible next to
   writing the file, but not free in a loop that calls state_dict() per step. Writing into a returned tensor no
   longer writes into the model; load it back with `model.load_state_dict`.
 - `state_dict(keep_vars=True)` is left as torch makes it: it returns the
