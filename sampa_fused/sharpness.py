@@ -16,6 +16,7 @@ from . import checkpoint, context, tree
 from .engines import ENGINE_OPTIONS, make_engine
 from .guard import NONFINITE_MODES, Progress, StepGuard
 from .passes import PassRunner
+from .saving import CompactStateDict
 from .state import FlatState
 from .update import make_update, rule_for
 from .update.common import check_number
@@ -98,6 +99,8 @@ class Sharpness(torch.optim.Optimizer):
         self.update = make_update(base, self.flat, adaptive, self.max_grad_norm)
         self._flags = self._grad_flags()
         self._step_tensors: Dict[int, torch.Tensor] = {}
+        # model.state_dict() gives compact copies of the flat parameter views (saving.py)
+        self._compact = CompactStateDict(self, model)
         self._ctx = context.build(self)
         self._after_layout()
         self.engine = make_engine(engine, self._ctx, **engine_options)
@@ -186,6 +189,7 @@ class Sharpness(torch.optim.Optimizer):
         keeping gy, the state and the counts of every parameter that stays."""
         params, groups, names = self._param_list()
         self.flat.relayout(params, groups, names, keep_from)
+        self._compact.install(self.model)
         self._after_layout()
         self.engine.relayout()
 
