@@ -205,6 +205,10 @@ def test_module_entry_point(tmp_path):
     (["run", "--label-noise", "1.2"], "label-noise"),
     (["run", "--epochs", "0"], "--epochs must be at least 1"),
     (["run", "--rho", "-1"], "--rho"),
+    (["run", "--lr", "nan"], "--lr must be a finite number"),
+    (["run", "--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["compare", "--methods", ""], "--methods lists no method"),
+    (["compare", "--methods", " , "], "--methods lists no method"),
 ])
 def test_bad_input_gets_a_clear_message(argv, msg):
     with pytest.raises(SystemExit, match=msg):
@@ -237,3 +241,64 @@ def test_sequential_gradient_counts_follow_the_engine():
     assert T.gradient_counts(sampa, Opt("serial"))["sequential_grad_evals"] == 2
     assert T.gradient_counts(sampa, Opt("streams"))["sequential_grad_evals"] == 1
     assert T.gradient_counts(T.parse_method("sam", 0), Opt("streams"))["sequential_grad_evals"] == 2
+
+
+def _cli(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "sampa_fused.train"] + args, capture_output=True, text=True,
+                          env=env, timeout=120, cwd=str(tmp_path))
+
+
+@pytest.mark.parametrize("case", ["lr-nan", "device-cuda", "methods-empty", "out-is-a-file", "out-unwritable"])
+def test_cli_refuses_bad_arguments_in_one_line_before_training(case, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    args = {"lr-nan": ["--lr", "nan"], "device-cuda": ["--device", "cuda"],
+            "methods-empty": ["compare", "--methods", ""],
+            "out-is-a-file": ["--out", str(tmp_path / "afile")],
+            "out-unwritable": ["--out", "/proc/sampa-train-out"]}[case]
+    if case == "device-cuda" and torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    if args[0] != "compare":
+        args = ["run"] + args
+    p = _cli(args + ["--epochs", "1"], tmp_path)
+    assert p.returncode != 0
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sampa-train: "), p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""          # nothing trained, no table
+
+
+def test_results_json_is_written_as_epochs_finish(tmp_path):
+    seen = []
+    real = T.cli._write_json
+
+    def spy(path, results):
+        real(path, results)
+        with open(path) as f:
+            seen.append(json.load(f))
+    T.cli._write_json = spy
+    try:
+        _run(["compare", "--methods", "sgd,sam", "--seeds", "0", "--out", str(tmp_path)] + TINY)
+    finally:
+        T.cli._write_json = real
+    # 2 methods x 2 epochs, then the final write
+    assert [len(r["runs"]) for r in seen] == [1, 1, 2, 2, 2]
+    assert [len(r["runs"][-1]["epochs"]) for r in seen[:4]] == [2, 3, 2, 3]
+    assert [r["complete"] for r in seen] == [False] * 4 + [True]
+    assert list(seen[2]["summary"]) == ["SGD"] and not (tmp_path / "results.json.tmp").exists()
+
+
+def test_help_shows_defaults_and_the_library_rho():
+    import inspect
+
+    from sampa_fused import SAMPa
+    sub = " ".join(T.build_parser()._subparsers._group_actions[0].choices["compare"].format_help().split())
+    rho = inspect.signature(SAMPa.__init__).parameters["rho"].default
+    assert f"neighbourhood size (the library's default) (default: {rho})" in sub
+    assert "--epochs EPOCHS passes over the training set (default: 30)" in sub
+
+
+def test_no_progress_bar_escape_codes_when_stderr_is_not_a_terminal(tmp_path):
+    p = _cli(["run", "--method", "sam", "--epochs", "1", "--train-size", "64", "--test-size", "20",
+              "--batch-size", "32", "--threads", "1"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr and "\x1b[" not in p.stderr and "it/s" not in p.stderr

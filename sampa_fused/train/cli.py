@@ -145,8 +145,9 @@ def _sync(device: torch.device) -> None:
 
 
 def train_one(method: Dict, seed: int, data, y_train: torch.Tensor, args, device: torch.device,
-              progress: bool, position: int = 0) -> Dict:
-    """Train one (method, seed); returns its record with one entry per epoch."""
+              progress: bool, position: int = 0, on_epoch=None) -> Dict:
+    """Train one (method, seed); returns its record with one entry per epoch.
+    `on_epoch(record)` runs after each epoch (results.json is written there)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -201,6 +202,8 @@ def train_one(method: Dict, seed: int, data, y_train: torch.Tensor, args, device
                                  "test_acc": acc, "test_loss": test_loss,
                                  "lr": opt.param_groups[0]["lr"]})
         bar.set_postfix(epoch=epoch, loss=f"{step_loss:.3f}", test_acc=f"{acc:.2%}")
+        if on_epoch is not None:
+            on_epoch(record)
     bar.close()
     last = record["epochs"][-1]
     record.update(test_acc=last["test_acc"], test_loss=last["test_loss"],
@@ -353,13 +356,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     d.add_argument("--split-seed", type=int, default=0,
                    help="seed of the stratified train/test split, the same for every run")
     o = p.add_argument_group("optimization (the same for every method)")
-    o.add_argument("--epochs", type=int, default=30)
-    o.add_argument("--batch-size", type=int, default=128)
+    o.add_argument("--epochs", type=int, default=30, help="passes over the training set")
+    o.add_argument("--batch-size", type=int, default=128, help="examples per step")
     o.add_argument("--lr", type=float, default=0.05, help="initial learning rate, cosine schedule to 0")
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=5e-4)
-    o.add_argument("--rho", type=float, default=0.1, help="SAM/SAMPa neighbourhood size")
-    o.add_argument("--lam", type=float, default=0.2,
+    o.add_argument("--momentum", type=float, default=0.9, help="the base optimizer's momentum")
+    o.add_argument("--weight-decay", type=float, default=5e-4, help="the base optimizer's weight decay")
+    o.add_argument("--rho", type=float, default=_library_default("rho"),
+                   help="SAM/SAMPa neighbourhood size (the library's default)")
+    o.add_argument("--lam", type=float, default=_library_default("lam"),
                    help="SAMPa's ratio for the method name 'sampa' (sampa-<lam> sets its own)")
     o.add_argument("--engine", default="serial",
                    choices=("serial", "streams", "peer", "distributed", "auto"),
@@ -378,6 +382,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _library_default(name: str) -> float:
+    """SAMPa's own default, so the CLI and the library agree."""
+    import inspect
+
+    from ..optim import SAMPa
+    return inspect.signature(SAMPa.__init__).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="sampa-train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -389,12 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
                "`run` is the default subcommand; `sampa-train run -h` and `sampa-train compare -h` "
                "list the options.")
     sub = top.add_subparsers(dest="mode", metavar="{run,compare}")
-    run = sub.add_parser("run", help="train one method with one seed (default)")
+    run = sub.add_parser("run", help="train one method with one seed (default)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(run)
     run.add_argument("--method", default="sampa",
                      help="sgd, sam, sampa (ratio from --lam) or sampa-<lam>, e.g. sampa-0.2")
-    run.add_argument("--seed", type=int, default=0)
-    cmp_ = sub.add_parser("compare", help="train several methods and seeds, report mean ± std")
+    run.add_argument("--seed", type=int, default=0, help="seed of the model, the order and the label noise")
+    cmp_ = sub.add_parser("compare", help="train several methods and seeds, report mean ± std",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(cmp_)
     cmp_.add_argument("--methods", default=DEFAULT_COMPARE,
                       help=f"comma-separated methods (default {DEFAULT_COMPARE})")
@@ -404,15 +418,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
+    """Every argument checked before anything trains: one line each."""
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"sampa-train: --{name.replace('_', '-')} must be at least 1")
+    for name in ("lr", "momentum", "weight_decay", "rho", "lam", "label_noise"):
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            raise SystemExit(f"sampa-train: --{name.replace('_', '-')} must be a finite number, got {value}")
     if args.lr <= 0:
         raise SystemExit("sampa-train: --lr must be positive")
-    if args.rho < 0:
-        raise SystemExit("sampa-train: --rho must be >= 0")
+    for name in ("rho", "momentum", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"sampa-train: --{name.replace('_', '-')} must be >= 0")
     if args.threads is not None and args.threads < 1:
         raise SystemExit("sampa-train: --threads must be at least 1")
+    if args.mode == "compare" and not [m for m in args.methods.split(",") if m.strip()]:
+        raise SystemExit("sampa-train: --methods lists no method (e.g. --methods sgd,sam,sampa-0.2)")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise SystemExit(f"sampa-train: --device {args.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"sampa-train: --device {args.device}: this machine has no CUDA device "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise SystemExit(f"sampa-train: --device {args.device}: only {torch.cuda.device_count()} "
+                             "CUDA devices")
+    if args.out:
+        _check_out(args.out)
+
+
+def _check_out(out: str) -> None:
+    """--out must be a writable directory (made if missing), before training."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"sampa-train: --out {out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".sampa-train-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"sampa-train: --out {out} is not writable: {e.strerror or e}") from None
+
+
+def _write_json(path: str, results: Dict) -> None:
+    """Atomically: an interrupted write never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def run_experiment(args, log=print) -> Dict:
@@ -435,7 +492,8 @@ def run_experiment(args, log=print) -> Dict:
     seeds = [args.seed] if args.mode == "run" else args.seeds
     # Under torchrun (the distributed engine) every rank trains; rank 0 reports.
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    progress = not args.no_progress and rank0
+    # Bars only on a terminal: a log file would fill with escape codes.
+    progress = not args.no_progress and rank0 and sys.stderr.isatty()
     try:
         data = load_dataset(args.dataset, args.split_seed, args.train_size, args.test_size)
     except (RuntimeError, ValueError) as e:
@@ -457,6 +515,22 @@ def run_experiment(args, log=print) -> Dict:
     outer = tqdm(total=len(methods) * len(seeds), desc="runs", unit="run", position=0,
                  disable=not progress or len(methods) * len(seeds) == 1, dynamic_ncols=True)
     started = time.perf_counter()
+    config = ({k: v for k, v in vars(args).items() if k != "engine_opt"}
+              | {"engine_opt": dict(args.engine_opt or []), "methods": [m["spec"] for m in methods],
+                 "seeds": seeds, "device": str(device), "threads": torch.get_num_threads()})
+    environment = {"python": platform.python_version(), "torch": torch.__version__,
+                   "platform": platform.platform(), "cpus": os.cpu_count(),
+                   "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+    def results_now(partial: Optional[Dict] = None) -> Dict:
+        done = runs + ([partial] if partial is not None else [])
+        finished = [r for r in done if "test_acc" in r]
+        return {"config": config, "environment": environment, "complete": partial is None and
+                len(runs) == len(methods) * len(seeds), "total_time": time.perf_counter() - started,
+                "summary": summarize(finished) if finished else {}, "runs": done}
+
+    path = os.path.join(args.out, "results.json") if args.out and rank0 else None
+    on_epoch = (lambda rec: _write_json(path, results_now(rec))) if path else None
     for seed in seeds:
         # Same noisy labels for every method of a seed: paired comparison.
         noise_gen = torch.Generator().manual_seed(1_000_003 * seed + 1)
@@ -468,35 +542,22 @@ def run_experiment(args, log=print) -> Dict:
         y_train = y_train.to(device)
         for method in methods:
             rec = train_one(method, seed, data, y_train, args, device, progress,
-                            position=0 if outer.disable else 1)
+                            position=0 if outer.disable else 1, on_epoch=on_epoch)
             rec["noisy_labels"] = int(changed.numel())
             runs.append(rec)
             outer.set_postfix(last=f"{rec['method']} s{seed} {rec['test_acc']:.2%}", refresh=False)
             outer.update(1)
     outer.close()
-    summary = summarize(runs)
-    results = {
-        "config": {k: v for k, v in vars(args).items() if k != "engine_opt"}
-        | {"engine_opt": dict(args.engine_opt or []), "methods": [m["spec"] for m in methods],
-           "seeds": seeds, "device": str(device), "threads": torch.get_num_threads()},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "platform": platform.platform(), "cpus": os.cpu_count(),
-                        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "total_time": time.perf_counter() - started,
-        "summary": summary,
-        "runs": runs,
-    }
+    results = results_now()
+    summary = results["summary"]
     if not rank0:
         return results
     log("")
     log(format_table(summary))
     log(table_notes(summary, len(seeds) > 1))
     log(f"total {results['total_time']:.1f} s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "results.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    if path:
+        _write_json(path, results)
         title = (f"{data.name}, {args.model}, {args.label_noise:.0%} label noise, "
                  f"{args.epochs} epochs, lr {args.lr:g}, rho {args.rho:g}, {args.engine} engine, "
                  f"{device.type} x{torch.get_num_threads() if device.type == 'cpu' else 1}")
