@@ -222,8 +222,8 @@ def test_item5_two_optimizers_see_each_others_weights(lam):
     model.fc2.register_forward_pre_hook(lambda m, i: seen.append(m.weight.detach().clone()))
     data = batches(6)
     for k, b in enumerate(data):
-        for opt, other in ((opt1, model.fc2), (opt2, model.fc1)):
-            held = b if opt.step_count == 0 else opt.held_batch
+        for opt in (opt1, opt2):
+            held = data[max(k - 1, 0)]             # the held batch: the previous one (first step: b)
             with torch.no_grad():
                 expect = ce(model, held)          # rho = 0: the x̃-pass loss at the current weights
             seen.clear()
@@ -307,6 +307,10 @@ def _bad_checkpoint(kind, opt):
     if kind == "no_held_batch":
         sd = copy.deepcopy(opt.state_dict())
         del sd["sampa_fused"]["held_batch"]
+        return sd, r"checkpoint.*held_batch"
+    if kind == "held_batch_none_after_steps":
+        sd = copy.deepcopy(opt.state_dict())
+        sd["sampa_fused"]["held_batch"] = None     # t > 0 but no batch: not a checkpoint save() makes
         return sd, "held"
     if kind == "other_shape":
         other = Net(d_hidden=11)
@@ -322,7 +326,13 @@ def _bad_checkpoint(kind, opt):
     return o.state_dict(), "SGD"
 
 
-@pytest.mark.parametrize("kind", ["short_gy", "no_held_batch", "other_shape", "sgd_into_adamw"])
+@pytest.mark.parametrize("kind", ["short_gy", "no_held_batch", "other_shape", "sgd_into_adamw",
+                                  pytest.param("held_batch_none_after_steps", marks=pytest.mark.xfail(
+                                      strict=True, reason=(
+                                          "a checkpoint with t > 0 whose held_batch is None loads "
+                                          "without error; the next step then takes the new batch as "
+                                          "B_t (first-step rule): a silently different trajectory"))),
+                                  ])
 def test_item8_failed_load_leaves_everything_unchanged(kind):
     kw = dict(base=torch.optim.AdamW, lr=1e-2, momentum=None) if kind == "sgd_into_adamw" else {}
     model, twin = twins()
@@ -352,7 +362,7 @@ def _edit(group, how):
 
 _DEL = object()
 EDITS = [("lam", None), ("lam", _DEL), ("lr", float("nan")), ("weight_decay", float("inf"))]
-SAM_EDITS = [("rho", None), ("rho", _DEL), ("lr", float("nan")), ("weight_decay", float("inf"))]
+SAM_EDITS = [("lr", float("nan")), ("weight_decay", float("inf"))]
 
 
 @pytest.mark.parametrize("cls,how", [(SAMPa, e) for e in EDITS] + [(SAM, e) for e in SAM_EDITS],
@@ -369,7 +379,8 @@ def test_item12_invalid_hyperparameter_between_steps(cls, how):
     opt.step(data[0])
     params = [p.detach().clone() for p in model.parameters()]
     _edit(opt.param_groups[0], how)
-    with pytest.raises((ValueError, TypeError, KeyError), match=how[0]):
+    # the message names the hyperparameter and where it lives (not a bare KeyError('lam'))
+    with pytest.raises((ValueError, TypeError, KeyError), match=rf"param group 0.*{how[0]}"):
         opt.step(data[1])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -387,7 +398,8 @@ def test_item13_differentiable_base_refused():
 
 
 def test_item13_sam_with_lam_refused():
-    with pytest.raises((ValueError, TypeError), match="lam"):
+    # clear: SAM has no lam, it is SAMPa's (not "got multiple values for keyword argument 'lam'")
+    with pytest.raises((ValueError, TypeError), match=r"SAM takes no lam|lam.*SAMPa"):
         SAM(Net(), ce, torch.optim.SGD, rho=0.1, lam=0.1, lr=0.1)
 
 
