@@ -138,11 +138,12 @@ def test_item1_storage_replaced_after_construction(how):
     else:
         model.to(memory_format=torch.channels_last)
     assert_same_params(model, twin)          # same values, new storage
+    replaced = [p.detach().clone() for p in model.parameters()]
     for b in data[2:]:
         opt.step(b)
         ref.step(b)
     assert_same_params(model, twin)
-    assert opt.step_count == 6
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), replaced))   # training continued
 
 
 # ------------------------------------------------ 2. p.grad replaced between steps
@@ -206,13 +207,15 @@ def test_item4_unused_parameter_untouched(base, kw):
     ckpt = opt.state_dict()
     for n, v in ckpt["state"].get(idx, {}).items():
         assert float(v.float().abs().sum()) == 0, n
-    assert ckpt["sampa_fused"]["counts"][idx] == 0 if "counts" in ckpt.get("sampa_fused", {}) else True
+    counts = ckpt.get("sampa_fused", {}).get("counts")
+    if counts is not None:
+        assert counts[idx] == 0
     assert not torch.equal(model.fc1.weight, fc1)            # the rest trained
 
 
 # ------------------------------------------------ 5. two optimizers on disjoint parts
-@pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_item5_two_optimizers_see_each_others_weights(lam):
+def test_item5_two_optimizers_see_each_others_weights():
+    lam = 1.0            # opt1's update is its y-pass gradient alone: a stale head shows in it
     torch.manual_seed(0)
     model = Net()
     backbone, head = list(model.fc1.parameters()), list(model.fc2.parameters())
@@ -221,13 +224,25 @@ def test_item5_two_optimizers_see_each_others_weights(lam):
     seen = []
     model.fc2.register_forward_pre_hook(lambda m, i: seen.append(m.weight.detach().clone()))
     data = batches(6)
+    names = ("fc1.weight", "fc1.bias")
+    gy = [torch.zeros_like(p) for p in backbone]   # reference for opt1 (lam = 1): its y-pass gradient
     for k, b in enumerate(data):
         for opt in (opt1, opt2):
             held = data[max(k - 1, 0)]             # the held batch: the previous one (first step: b)
             with torch.no_grad():
                 expect = ce(model, held)          # rho = 0: the x̃-pass loss at the current weights
+            if opt is opt1:
+                # y = x - lr gy (SGD, no momentum), with the head as it is NOW (opt2's)
+                y = {n: (p - 0.1 * g).detach().requires_grad_(True) for n, p, g in zip(names, backbone, gy)}
+                gy = list(torch.autograd.grad(ce(lambda x: torch.func.functional_call(model, y, (x,)), b),
+                                              list(y.values())))
+                want = [(p - 0.1 * g).detach() for p, g in zip(backbone, gy)]   # g = gy_{t+1}
             seen.clear()
             loss = opt.step(b)
+            if opt is opt1:
+                for n, p, w in zip(names, backbone, want):
+                    torch.testing.assert_close(p, w, rtol=1e-6, atol=1e-6,
+                                               msg=f"step {k}: {n}: opt1's y-pass used a stale head")
             torch.testing.assert_close(loss, expect, rtol=0, atol=1e-7,
                                        msg=f"step {k}: the x̃-pass used stale weights of the other part")
             if opt is opt1:   # the head is opt2's: both passes of opt1 (x̃ and y) see its current value
@@ -277,7 +292,7 @@ def test_item6_structured_batches_held_as_copies_and_checkpointed(kind):
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    sd = torch.load(buf)
+    sd = torch.load(buf)                                 # torch's default: weights_only=True
     fresh_model = copy.deepcopy(model)
     fresh = sampa(fresh_model, loss=loss)
     fresh.load_state_dict(sd)
@@ -480,3 +495,26 @@ def test_item14_deepcopy_works_or_raises_clearly():
         return
     dup.step(batches(1, seed=4)[0])     # a working copy must not move the original
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "after model.to('meta'); model.to_empty(device='cpu'); model.load_state_dict(sd) the model "
+    "holds NEW Parameter objects; the optimizer keeps stepping the old ones (orphaned) without "
+    "error, and the model never changes: silent"))
+def test_item14_meta_then_to_empty_trains_the_model_or_is_refused():
+    model = Net()
+    opt = sampa(model)
+    opt.step(batches(1)[0])
+    sd = copy.deepcopy(model.state_dict())
+    model.to("meta")
+    model.to_empty(device="cpu")
+    model.load_state_dict(sd)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        for b in batches(2, seed=3):
+            opt.step(b)
+    except (RuntimeError, ValueError) as e:     # refused: naming a parameter
+        assert any(n in str(e) for n in PARAM_NAMES), repr(e)
+        return
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before)), \
+        "the optimizer stepped parameters the model no longer holds"
