@@ -162,6 +162,10 @@ def validate_y_extra(opt, extra, params) -> None:
             raise ValueError(f"{where}: gy of parameter {opt.flat.layout.names[i]} has shape "
                              f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
     held = extra["held_batch"]
+    if held is None and int(extra.get("t", 0)) > 0:
+        raise ValueError(f"{where}: the checkpoint has taken {int(extra['t'])} steps but its "
+                         "held_batch is None: the next step would treat the new batch as the "
+                         "first (was it edited?)")
     if held is not None and not (isinstance(held, dict) and "k" in held):
         raise ValueError(f"{where}: the checkpoint's held batch is not in this version's format")
 

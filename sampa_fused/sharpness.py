@@ -198,8 +198,22 @@ class Sharpness(torch.optim.Optimizer):
         ctx.params, ctx.names, ctx.primary = self.flat.layout.params, self.flat.layout.names, self.flat.primary
         self._n_groups = len(self.param_groups)
         self._flags = self._grad_flags()
+        self._owners = self._param_owners()
         self._bind_method()
         self._publish()
+
+    def _param_owners(self) -> list:
+        """Per laid-out parameter, the module's parameter dict and key holding
+        it: model.to('meta'), to_empty() or `module.weight = Parameter(...)`
+        put a NEW object there, which the optimizer would never see."""
+        modules = dict(self.model.named_modules())
+        owners = []
+        for p, name in zip(self.flat.layout.params, self.flat.layout.names):
+            mod, _, leaf = name.rpartition(".")
+            owner = modules.get(mod)
+            ok = owner is not None and owner._parameters.get(leaf) is p
+            owners.append((owner._parameters, leaf, name) if ok else None)
+        return owners
 
     def _bind_method(self) -> None:
         pass
@@ -209,6 +223,16 @@ class Sharpness(torch.optim.Optimizer):
         step (a storage, shape or dtype replaced: lay out again, keeping the
         state; a gradient replaced: bind it again; trainable set changed:
         the engine follows)."""
+        for p, owner in zip(self.flat.layout.params, self._owners):
+            if owner is not None and owner[0].get(owner[1]) is not p:
+                now = owner[0].get(owner[1])
+                how = ("on the meta device (model.to('meta'))" if now is not None and now.device.type == "meta"
+                       else "replaced by a new Parameter object (model.to_empty(), a meta round trip, or "
+                       "an assignment to the module's attribute)")
+                raise RuntimeError(
+                    f"{type(self).__name__}: parameter {owner[2]} of the model is {how}; the optimizer "
+                    "holds the old one and would train it unseen. Build the optimizer again on the "
+                    "model as it is now (and load its state_dict to continue)")
         what = self.flat.check_params()
         if what is not None and what.startswith("meta:"):
             raise RuntimeError(f"{type(self).__name__}: parameter {what[5:]} is on the meta device "

@@ -342,12 +342,7 @@ def _bad_checkpoint(kind, opt):
 
 
 @pytest.mark.parametrize("kind", ["short_gy", "no_held_batch", "other_shape", "sgd_into_adamw",
-                                  pytest.param("held_batch_none_after_steps", marks=pytest.mark.xfail(
-                                      strict=True, reason=(
-                                          "a checkpoint with t > 0 whose held_batch is None loads "
-                                          "without error; the next step then takes the new batch as "
-                                          "B_t (first-step rule): a silently different trajectory"))),
-                                  ])
+                                  "held_batch_none_after_steps"])
 def test_item8_failed_load_leaves_everything_unchanged(kind):
     kw = dict(base=torch.optim.AdamW, lr=1e-2, momentum=None) if kind == "sgd_into_adamw" else {}
     model, twin = twins()
@@ -451,11 +446,6 @@ def test_item14_double_after_construction_works_or_names_the_parameter():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "model.to('meta') makes Module._apply build NEW Parameter objects (cpu->meta is not a "
-    "compatible shallow copy), so the optimizer's params (the old cpu ones) are unchanged and "
-    "FlatState.check_params sees nothing; the step then fails inside the forward with torch's "
-    "'Tensor on device meta is not on the expected device cpu!', naming no parameter"))
 def test_item14_meta_device_refused_naming_the_parameter():
     model = Net()
     opt = sampa(model)
@@ -497,10 +487,6 @@ def test_item14_deepcopy_works_or_raises_clearly():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after model.to('meta'); model.to_empty(device='cpu'); model.load_state_dict(sd) the model "
-    "holds NEW Parameter objects; the optimizer keeps stepping the old ones (orphaned) without "
-    "error, and the model never changes: silent"))
 def test_item14_meta_then_to_empty_trains_the_model_or_is_refused():
     model = Net()
     opt = sampa(model)
