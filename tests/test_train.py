@@ -302,3 +302,39 @@ def test_no_progress_bar_escape_codes_when_stderr_is_not_a_terminal(tmp_path):
               "--batch-size", "32", "--threads", "1"], tmp_path)
     assert p.returncode == 0, p.stderr
     assert "\r" not in p.stderr and "\x1b[" not in p.stderr and "it/s" not in p.stderr
+
+
+def test_methods_with_processes_and_threads_parse():
+    m = T.parse_method("sampa-0.2@2p", 0.2, nproc=1, threads=1)
+    assert (m["label"], m["processes"], m["threads"]) == ("SAMPa-0.2@2p", 2, 1)
+    m = T.parse_method("sam@2t", 0.2, nproc=1, threads=1)
+    assert (m["label"], m["processes"], m["threads"]) == ("SAM@2t", 1, 2)
+    assert T.parse_method("sam", 0.2, nproc=2)["processes"] == 2          # --nproc: SAM and SAMPa
+    assert T.parse_method("sgd", 0.2, nproc=2)["processes"] == 1
+    for bad in ("sgd@2p", "sam@0p", "sam@2x", "sam@p"):
+        with pytest.raises(ValueError):
+            T.parse_method(bad, 0.2)
+
+
+def test_compare_launches_ranks_itself_and_equals_torchrun_semantics(tmp_path):
+    """SAMPa on 2 processes launched by the command: one record per method
+    with engine, processes and threads in the summary; SAMPa-0@2p runs the
+    same algorithm as SAMPa-0 on the serial engine (its ranks compute the
+    same two gradients), so the accuracy matches."""
+    res = _run(["compare", "--methods", "sampa-0,sampa-0@2p,sam@2p", "--seeds", "0", "--threads", "1",
+                "--out", str(tmp_path)] + TINY)
+    s = res["summary"]
+    assert (s["SAMPa-0@2p"]["engine"], s["SAMPa-0@2p"]["processes"], s["SAMPa-0@2p"]["threads"]) == \
+        ("distributed", 2, 1)
+    assert s["SAMPa-0@2p"]["sequential_grad_evals"] == 1 and s["SAM@2p"]["sequential_grad_evals"] == 2
+    assert (s["SAMPa-0"]["engine"], s["SAMPa-0"]["processes"]) == ("serial", 1)
+    serial, ranks = (next(r for r in res["runs"] if r["method"] == m) for m in ("SAMPa-0", "SAMPa-0@2p"))
+    assert [e["test_acc"] for e in serial["epochs"]] == [e["test_acc"] for e in ranks["epochs"]]
+    for e, f in zip(serial["epochs"][1:], ranks["epochs"][1:]):
+        assert abs(e["step_loss"] - f["step_loss"]) < 1e-5
+    assert json.loads((tmp_path / "results.json").read_text())["summary"]["SAM@2p"]["processes"] == 2
+
+
+def test_an_odd_process_count_for_sampa_is_refused_before_launching():
+    with pytest.raises(SystemExit, match="SAMPa-0.2@3p: SAMPa needs an even number of processes"):
+        _run(["compare", "--methods", "sampa-0.2@3p", "--seeds", "0"] + TINY)

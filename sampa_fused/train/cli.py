@@ -37,9 +37,36 @@ def loss_fn(model, batch):
 
 
 # ------------------------------------------------------------------ methods
-def parse_method(spec: str, lam: float) -> Dict:
-    """'sgd' | 'sam' | 'sampa' (ratio from --lam) | 'sampa-<lam>', e.g. 'sampa-0.2'."""
-    s = spec.strip().lower()
+def parse_method(spec: str, lam: float, nproc: int = 1, threads: Optional[int] = None) -> Dict:
+    """'sgd' | 'sam' | 'sampa' (ratio from --lam) | 'sampa-<lam>', e.g. 'sampa-0.2',
+    each optionally followed by '@<N>p' (N processes: the distributed engine,
+    launched here; default --nproc for SAM and SAMPa) and '@<N>t' (N threads
+    per process; default --threads), e.g. 'sam@2t', 'sam@2p', 'sampa-0.2@2p'."""
+    name, *suffixes = spec.strip().lower().split("@")
+    procs, thr = None, threads
+    for suf in suffixes:
+        try:
+            n = int(suf[:-1])
+        except ValueError:
+            n = 0
+        if n < 1 or suf[-1:] not in ("p", "t"):
+            raise ValueError(f"bad method {spec!r}: a suffix is @<N>p (processes) or @<N>t (threads), "
+                             "e.g. sam@2p or sam@2t")
+        if suf.endswith("p"):
+            procs = n
+        else:
+            thr = n
+    out = _parse_name(spec, name, lam)
+    if procs is None:
+        procs = 1 if out["kind"] == "sgd" else nproc
+    if out["kind"] == "sgd" and procs > 1:
+        raise ValueError(f"bad method {spec!r}: sgd runs in one process")
+    tail = (f"@{procs}p" if procs > 1 else "") + (f"@{thr}t" if thr and thr != threads else "")
+    out.update(spec=out["spec"] + tail, label=out["label"] + tail, processes=procs, threads=thr)
+    return out
+
+
+def _parse_name(spec: str, s: str, lam: float) -> Dict:
     if s in ("sgd", "sam"):
         return {"spec": s, "kind": s, "label": s.upper(), "lam": None}
     if s == "sampa" or s.startswith("sampa-"):
@@ -122,6 +149,68 @@ def gradient_counts(method: Dict, opt) -> Dict:
             "engine": engine}
 
 
+# ------------------------------------------------------- ranks launched here
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, nproc: int, port: int, method: Dict, seed: int, data, y_train, args,
+               out_path: str) -> None:
+    """One rank of a method on the distributed engine (gloo on 127.0.0.1)."""
+    import torch.distributed as dist
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(method["threads"] or 1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc)
+    try:
+        rec = train_one(method, seed, data, y_train, args, torch.device("cpu"), progress=False)
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(rec, f)
+    finally:
+        import gc
+        gc.collect()                 # the optimizer's engine closes its group first
+        dist.destroy_process_group()
+
+
+def train_ranks(method: Dict, seed: int, data, y_train, args) -> Dict:
+    """Launch `method['processes']` ranks on this machine, wait for them, and
+    return rank 0's record. Ctrl-C or a failing rank stops them all."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    nproc = method["processes"]
+    rank_args = argparse.Namespace(**vars(args))
+    rank_args.engine = "distributed"
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "rank0.json")
+        ctx = mp.start_processes(_rank_main, nprocs=nproc, join=False, start_method="spawn",
+                                 args=(nproc, _free_port(), method, seed, data.to("cpu"), y_train.cpu(),
+                                       rank_args, out_path))
+        try:
+            while not ctx.join():
+                pass
+        except KeyboardInterrupt:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in ctx.processes:
+                proc.join(10)
+            raise SystemExit(f"sampa-train: interrupted; stopped the {nproc} ranks of {method['label']}") \
+                from None
+        except mp.ProcessRaisedException as e:
+            last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1]
+            raise SystemExit(f"sampa-train: {method['label']} seed {seed}: rank {e.error_index} failed: "
+                             f"{last}") from None
+        except mp.ProcessExitedException as e:
+            raise SystemExit(f"sampa-train: {method['label']} seed {seed}: rank {e.error_index} exited "
+                             f"with code {e.exit_code}") from None
+        with open(out_path) as f:
+            return json.load(f)
+
+
 # ----------------------------------------------------------------- training
 @torch.no_grad()
 def evaluate(model, x, y, batch_size: int = 1000):
@@ -163,6 +252,7 @@ def train_one(method: Dict, seed: int, data, y_train: torch.Tensor, args, device
     order = torch.Generator().manual_seed(1_000_003 * seed + 2)
     counts = gradient_counts(method, opt)
     record = {"method": method["label"], "spec": method["spec"], "seed": seed, **counts,
+              "processes": method.get("processes", 1), "threads": torch.get_num_threads(),
               "steps_per_epoch": per_epoch, "epochs": []}
     acc0, loss0 = evaluate(model, data.x_test, data.y_test)
     record["epochs"].append({"epoch": 0, "step": 0, "train_time": 0.0, "wall": 0.0,
@@ -235,7 +325,7 @@ def summarize(runs: List[Dict]) -> Dict[str, Dict]:
         s["seeds"] = [r["seed"] for r in rs]
         for key in ("test_acc", "test_loss", "best_test_acc", "time_per_step", "wall", "train_time"):
             s[key], s[key + "_std"] = _mean_std([r[key] for r in rs])
-        for key in ("grad_evals", "sequential_grad_evals", "engine", "steps"):
+        for key in ("grad_evals", "sequential_grad_evals", "engine", "processes", "threads", "steps"):
             s[key] = rs[0][key]
     return out
 
@@ -376,7 +466,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("running")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     r.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: leave torch's choice)")
+                   help="torch.set_num_threads per process (default: leave torch's choice); a "
+                        "method's @<N>t overrides it")
+    r.add_argument("--nproc", type=int, default=1,
+                   help="processes for SAM and SAMPa: more than 1 runs them on the distributed "
+                        "engine, ranks launched here (gloo on 127.0.0.1); a method's @<N>p overrides it")
     r.add_argument("--out", default=None, metavar="DIR",
                    help="write DIR/results.json and the PNG plots")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -433,6 +527,8 @@ def _check_args(args) -> None:
             raise SystemExit(f"sampa-train: --{name.replace('_', '-')} must be >= 0")
     if args.threads is not None and args.threads < 1:
         raise SystemExit("sampa-train: --threads must be at least 1")
+    if args.nproc < 1:
+        raise SystemExit("sampa-train: --nproc must be at least 1")
     if args.mode == "compare" and not [m for m in args.methods.split(",") if m.strip()]:
         raise SystemExit("sampa-train: --methods lists no method (e.g. --methods sgd,sam,sampa-0.2)")
     if args.device != "auto":
@@ -484,11 +580,18 @@ def run_experiment(args, log=print) -> Dict:
         args.model = "resnet20" if args.dataset == "synthetic-cifar" else "cnn"
     specs = [args.method] if args.mode == "run" else [s for s in args.methods.split(",") if s.strip()]
     try:
-        methods = [parse_method(s, args.lam) for s in specs]
+        methods = [parse_method(s, args.lam, args.nproc, args.threads) for s in specs]
     except ValueError as e:
         raise SystemExit(f"sampa-train: {e}") from None
     if len({m["label"] for m in methods}) != len(methods):
         raise SystemExit(f"sampa-train: a method is listed twice in {specs}")
+    for m in methods:
+        if m["processes"] > 1 and (device.type != "cpu" or "RANK" in os.environ):
+            raise SystemExit(f"sampa-train: {m['label']}: @Np / --nproc launch CPU ranks (gloo) from one "
+                             "process; on GPUs or under torchrun, launch with torchrun and --engine "
+                             "distributed instead")
+        if m["processes"] > 1 and m["kind"] == "sampa" and m["processes"] % 2:
+            raise SystemExit(f"sampa-train: {m['label']}: SAMPa needs an even number of processes")
     seeds = [args.seed] if args.mode == "run" else args.seeds
     # Under torchrun (the distributed engine) every rank trains; rank 0 reports.
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -541,8 +644,17 @@ def run_experiment(args, log=print) -> Dict:
             raise SystemExit(f"sampa-train: {e}") from None
         y_train = y_train.to(device)
         for method in methods:
-            rec = train_one(method, seed, data, y_train, args, device, progress,
-                            position=0 if outer.disable else 1, on_epoch=on_epoch)
+            if method["processes"] > 1:
+                rec = train_ranks(method, seed, data, y_train, args)
+            else:
+                before = torch.get_num_threads()
+                if method["threads"]:
+                    torch.set_num_threads(method["threads"])
+                try:
+                    rec = train_one(method, seed, data, y_train, args, device, progress,
+                                    position=0 if outer.disable else 1, on_epoch=on_epoch)
+                finally:
+                    torch.set_num_threads(before)
             rec["noisy_labels"] = int(changed.numel())
             runs.append(rec)
             outer.set_postfix(last=f"{rec['method']} s{seed} {rec['test_acc']:.2%}", refresh=False)

@@ -47,10 +47,12 @@ that fails makes the group unusable (restart all ranks, e.g. torchrun
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
 import sys
+import weakref
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -71,6 +73,26 @@ DEFAULT_BUCKET_BYTES = 4 << 20      # several buckets even for small models, so 
 
 class _CommError(RuntimeError):
     """A collective failed: the group is unusable, no protocol can follow."""
+
+
+# Engines still open at exit. A script that just ends (no close()) would leave
+# gloo's threads to static destructors, which abort ("terminate called without
+# an active exception") in about one run of eight: close them first.
+_LIVE: "weakref.WeakSet[DistributedEngine]" = weakref.WeakSet()
+_OWN_WORLD: List[bool] = [False]         # the engine called init_process_group itself
+
+
+def _close_at_exit() -> None:
+    for engine in list(_LIVE):
+        if not getattr(engine, "_broken", True):
+            with contextlib.suppress(Exception):
+                engine.close()
+    if _OWN_WORLD[0] and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+atexit.register(_close_at_exit)
 
 
 def _as_timedelta(timeout) -> datetime.timedelta:
@@ -173,6 +195,7 @@ class DistributedEngine(Engine):
         else:
             self.group = parent
         self._global = ranks                       # group rank -> global rank
+        _LIVE.add(self)
         self._broken = False                       # a collective failed: never destroy politely
         self._desync: Optional[str] = None         # the ranks lost step: every step raises this
 
@@ -212,6 +235,7 @@ class DistributedEngine(Engine):
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend=backend, timeout=self.timeout)
+            _OWN_WORLD[0] = True
         return dist.group.WORLD
 
     @property
