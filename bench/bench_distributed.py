@@ -14,6 +14,7 @@ all of them. Writes JSON and a bar chart.
 
     python bench/bench_distributed.py --out bench/results/cpu-distributed.json
     python bench/bench_distributed.py --quick --json /tmp/dist.json   # 1 round, a few steps
+    python bench/bench_distributed.py --batches 8,16,32,64,128 --out bench/results/cpu-distributed-sweep.json
 
 --quick runs sam_1proc and sampa_2ranks only, one round of 5 steps after 2
 warm-up steps (under 10 s on 2 CPU cores): enough to see that the script works and to
@@ -50,6 +51,8 @@ CONFIGS = {
     "sampa_2ranks_no_overlap": (2, "sampa", "distributed", {"overlap": False}),
     "sam_dp_2ranks": (2, "sam", "distributed", {}),
     "fwd_bwd_1proc": (1, "fwd_bwd", None, {}),
+    # what a user of this machine would otherwise run: SAM on all cores
+    "sam_1proc_allcores": (1, "sam", "serial", {"threads": "all"}),
 }
 
 
@@ -69,13 +72,15 @@ def loss_fn(model, batch):
 
 
 def _rank(rank, world, init_file, name, args, out_path):
-    torch.set_num_threads(1)
+    threads = CONFIGS[name][3].get("threads", 1)
+    torch.set_num_threads(os.cpu_count() if threads == "all" else threads)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch.distributed as dist
 
     from sampa_fused import SAM, SAMPa
     try:
         _, method, engine, options = CONFIGS[name]
+        options = {k: v for k, v in options.items() if k != "threads"}
         if world > 1:
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                     world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -200,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help=f"sam_1proc and sampa_2ranks, {QUICK['rounds']} round of {QUICK['steps']} steps")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batches", default=None, metavar="B1,B2,...",
+                    help="a sweep: the run at each batch size, ratios against batch size (JSON + plot)")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None, help=f"default {FULL['steps']}")
     ap.add_argument("--warmup", type=int, default=None, help=f"default {FULL['warmup']}")
@@ -228,12 +235,98 @@ def targets(result: dict) -> dict:
     return {"sampa_2ranks_vs_sam_1proc": t}
 
 
+SWEEP_TARGETS = {   # batch: (SAMPa 2 ranks / one fwd-bwd, SAMPa 2 ranks / SAM data-parallel 2 ranks)
+    16: (1.25, 0.65),
+    128: (1.12, 1.0),
+}
+
+
+def sweep(a, ap, batches) -> dict:
+    """The same run at each batch size; ratios against batch size, targets,
+    JSON and a plot."""
+    out = a.json or a.out
+    per = {}
+    for b in batches:
+        a.batch = b
+        per[b] = run_once(a, ap)
+    ratios = {}
+    for b, r in per.items():
+        c = r["configs"]
+        med = {n: c[n]["median_ms"] for n in c}
+        ratios[b] = {
+            "sampa_2ranks_vs_fwd_bwd_1proc": med.get("sampa_2ranks", 0) / med["fwd_bwd_1proc"]
+            if "fwd_bwd_1proc" in med else None,
+            "sampa_2ranks_vs_sam_dp_2ranks": med.get("sampa_2ranks", 0) / med["sam_dp_2ranks"]
+            if "sam_dp_2ranks" in med else None,
+            "sampa_2ranks_vs_sam_1proc": r.get("ratios_vs_sam_1proc", {}).get("sampa_2ranks"),
+            "sampa_2ranks_vs_sam_1proc_allcores": med.get("sampa_2ranks", 0) / med["sam_1proc_allcores"]
+            if "sam_1proc_allcores" in med else None,
+            "median_ms": med,
+        }
+    targets = {}
+    for b, (fb, dp) in SWEEP_TARGETS.items():
+        if b not in ratios:
+            continue
+        for key, goal in (("sampa_2ranks_vs_fwd_bwd_1proc", fb), ("sampa_2ranks_vs_sam_dp_2ranks", dp)):
+            v = ratios[b][key]
+            targets[f"batch{b}_{key}"] = {"value": v, "goal": goal, "cmp": "<=",
+                                         "met": None if v is None else bool(v <= goal)}
+    result = {"benchmark": "distributed engine, CPU, batch sweep", "device_name": "cpu",
+              "torch": torch.__version__, "batches": batches, "ratios": ratios, "targets": targets,
+              "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+              "runs": {str(b): r for b, r in per.items()}}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({"ratios": {b: {k: v for k, v in r.items() if k != "median_ms"}
+                                 for b, r in ratios.items()}, "targets": targets}, indent=2))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return result
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("sampa_2ranks_vs_fwd_bwd_1proc", "SAMPa 2 ranks / one forward-backward"),
+                       ("sampa_2ranks_vs_sam_dp_2ranks", "SAMPa 2 ranks / SAM data-parallel 2 ranks"),
+                       ("sampa_2ranks_vs_sam_1proc", "SAMPa 2 ranks / SAM 1 process 1 thread"),
+                       ("sampa_2ranks_vs_sam_1proc_allcores", "SAMPa 2 ranks / SAM 1 process all cores")):
+        xs = [b for b in batches if ratios[b][key] is not None]
+        ax.plot(xs, [ratios[b][key] for b in xs], marker="o", label=label)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ratio of median step times")
+    ax.set_title("CPU, gloo loopback, 1 thread per process (SAM all-cores: every core)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(a.chart or os.path.splitext(out)[0] + ".png", dpi=120)
+    return result
+
+
 def main(argv=None):
     ap = build_parser()
     a = ap.parse_args(argv)
+    if a.batches:
+        try:
+            batches = [int(b) for b in a.batches.split(",")]
+        except ValueError:
+            ap.error(f"--batches takes sizes like 8,16,32, got {a.batches!r}")
+        return sweep(a, ap, batches)
+    result = run_once(a, ap)
+    out = a.json or a.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: result[k] for k in result
+                      if k.startswith(("ratios", "cpu_time", "target", "sampa_2"))}, indent=2))
+    if "sam_1proc" in result["configs"]:
+        chart(result, a.chart or os.path.splitext(out)[0] + ".png")
+    return result
+
+
+def run_once(a, ap) -> dict:
     pl = plan(a)
-    if a.json:
-        a.out = a.json
     a.rounds = pl["rounds"]
     args = {"batch": a.batch, "width": a.width, "steps": pl["steps"], "warmup": pl["warmup"]}
     names = pl["configs"].split(",")
@@ -320,13 +413,6 @@ def main(argv=None):
             result["sampa_2ranks_vs_sam_dp_2ranks"] = (configs["sampa_2ranks"]["median_ms"]
                                                        / configs["sam_dp_2ranks"]["median_ms"])
     result["targets"] = targets(result)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps({k: result[k] for k in result
-                      if k.startswith(("ratios", "cpu_time", "target", "sampa_2"))}, indent=2))
-    if "sam_1proc" in configs:
-        chart(result, a.chart or os.path.splitext(a.out)[0] + ".png")
     return result
 
 
