@@ -338,3 +338,10 @@ def test_compare_launches_ranks_itself_and_equals_torchrun_semantics(tmp_path):
 def test_an_odd_process_count_for_sampa_is_refused_before_launching():
     with pytest.raises(SystemExit, match="SAMPa-0.2@3p: SAMPa needs an even number of processes"):
         _run(["compare", "--methods", "sampa-0.2@3p", "--seeds", "0"] + TINY)
+
+
+def test_lambda_sweep_plot_when_sampa_runs_with_several_ratios(tmp_path):
+    res = _run(["compare", "--methods", "sgd,sam,sampa-0,sampa-0.5", "--seeds", "0,1", "--out", str(tmp_path)]
+               + TINY)
+    assert list(res["summary"]) == ["SGD", "SAM", "SAMPa-0", "SAMPa-0.5"]
+    assert (tmp_path / "accuracy_vs_lambda.png").read_bytes()[:8] == PNG_MAGIC

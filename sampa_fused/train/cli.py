@@ -424,7 +424,40 @@ def plot_results(runs: List[Dict], out_dir: str, title: str) -> List[str]:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     written.append(path)
-    return written
+    lam_plot = plot_lambda_sweep(summarize(runs), out_dir, title)
+    return written + ([lam_plot] if lam_plot else [])
+
+
+def plot_lambda_sweep(summary: Dict[str, Dict], out_dir: str, title: str) -> Optional[str]:
+    """accuracy_vs_lambda.png when SAMPa ran with two or more ratios on one
+    engine set-up: test accuracy against lam (error bars: std over seeds),
+    SAM and SGD as reference lines."""
+    points = sorted((float(k.split("-", 1)[1].split("@")[0]), s) for k, s in summary.items()
+                    if k.startswith("SAMPa-"))
+    if len(points) < 2:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar([lam for lam, _ in points], [100 * s["test_acc"] for _, s in points],
+                yerr=[100 * s["test_acc_std"] for _, s in points], marker="o", capsize=3, label="SAMPa-λ")
+    for label, style in (("SAM", "--"), ("SGD", ":")):
+        ref = next((s for k, s in summary.items() if k.split("@")[0] == label), None)
+        if ref is not None:
+            ax.axhline(100 * ref["test_acc"], ls=style, color="grey" if label == "SGD" else "k",
+                       label=f"{label} {100 * ref['test_acc']:.1f} ± {100 * ref['test_acc_std']:.1f}")
+    seeds = len(points[0][1]["seeds"])
+    ax.set_xlabel("λ (SAMPa's share of the unperturbed gradient)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title} ({seeds} seeds, mean ± std)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "accuracy_vs_lambda.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------- the command
