@@ -432,8 +432,12 @@ def plot_lambda_sweep(summary: Dict[str, Dict], out_dir: str, title: str) -> Opt
     """accuracy_vs_lambda.png when SAMPa ran with two or more ratios on one
     engine set-up: test accuracy against lam (error bars: std over seeds),
     SAM and SGD as reference lines."""
-    points = sorted((float(k.split("-", 1)[1].split("@")[0]), s) for k, s in summary.items()
-                    if k.startswith("SAMPa-"))
+    groups: Dict[str, List] = {}          # per set-up (the @ suffix): (lam, summary)
+    for k, s in summary.items():
+        if k.startswith("SAMPa-"):
+            lam, _, setup = k[len("SAMPa-"):].partition("@")
+            groups.setdefault(setup, []).append((float(lam), s))
+    points = sorted(max(groups.values(), key=len, default=[]), key=lambda p: p[0])
     if len(points) < 2:
         return None
     import matplotlib
