@@ -50,21 +50,22 @@ def _run_pair(cls, base, base_kw, extra, engine_kw, devices=1, steps=STEPS, sche
     twin = copy.deepcopy(model)
     batches = make_batches(steps, batch=12)
     ref = cls(twin, ce_loss, base, engine="serial", **_kwargs(cls, base_kw, extra))
-    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=3, gamma=0.5) if schedule else None
-    ref_losses = []
-    for b in batches:
-        ref_losses.append(ref.step(b))
-        if ref_sched:
-            ref_sched.step()
+    ref_losses = _train(ref, batches, schedule)
     with fake_cuda(devices=devices) as rt:
         opt = cls(model, ce_loss, base, **engine_kw, **_kwargs(cls, base_kw, extra))
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if schedule else None
-        losses = []
-        for b in batches:
-            losses.append(opt.step(b))
-            if sched:
-                sched.step()
+        losses = _train(opt, batches, schedule)
     return model, twin, opt, ref, losses, ref_losses, rt
+
+
+def _train(opt, batches, schedule):
+    """The losses of one step per batch, under a StepLR when `schedule`."""
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if schedule else None
+    losses = []
+    for b in batches:
+        losses.append(opt.step(b))
+        if sched:
+            sched.step()
+    return losses
 
 
 def _assert_same(model, twin, opt, ref, losses, ref_losses):
