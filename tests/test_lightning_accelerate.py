@@ -18,9 +18,15 @@ def _kw():
     return dict(lr=0.1, momentum=0.9, rho=0.1, lam=0.3, backend="torch")
 
 
-def _plain(model, batches):
-    opt = SAMPa(model, ce_loss, torch.optim.SGD, **_kw())
-    return [opt.step(b) for b in batches]
+def _assert_equals_a_plain_loop(losses, net, twin, batches):
+    """`losses` and `net` equal a plain loop of SAMPa steps on `twin`."""
+    opt = SAMPa(twin, ce_loss, torch.optim.SGD, **_kw())
+    ref = [opt.step(b) for b in batches]
+    assert len(losses) == len(ref)
+    for a, b in zip(losses, ref):
+        assert torch.equal(a, b)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
 
 
 class _Batches:
@@ -66,12 +72,8 @@ def test_lightning_manual_optimization_equals_a_plain_loop():
 
     m = Module()
     _trainer(L).fit(m, train_dataloaders=_Batches(batches))
-    ref = _plain(twin, batches)
     assert len(m.losses) == STEPS
-    for a, b in zip(m.losses, ref):
-        assert torch.equal(a, b)
-    for p, q in zip(net.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    _assert_equals_a_plain_loop(m.losses, net, twin, batches)
 
 
 def test_lightning_automatic_optimization_is_refused_pointing_to_manual():
@@ -111,11 +113,7 @@ def test_accelerate_prepare_either_order_equals_a_plain_loop(order):
     for b in batches:
         assert opt.step(b) is None                # accelerate's wrapper returns nothing:
         losses.append(opt.optimizer.last_loss)    # the loss is kept on the optimizer
-    ref = _plain(twin, batches)
-    for a, b in zip(losses, ref):
-        assert torch.equal(a, b)
-    for p, q in zip(net.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    _assert_equals_a_plain_loop(losses, net, twin, batches)
 
 
 def test_accelerate_accumulate_is_refused_pointing_to_accumulation_steps():
