@@ -33,7 +33,8 @@ def build(opt) -> Context:
                    replicate_model=lambda device, where="": ModelReplica(model, device, where),
                    private_buffers=call("_private_buffers"), y_pass=call("_y_pass"),
                    y_leaves=call("_y_leaves"), sync_payload=lambda: sync_payload(me()),
-                   fingerprint=lambda: fingerprint(me()))
+                   fingerprint=lambda: fingerprint(me()),
+                   param_groups=lambda: me().param_groups)
 
 
 def sync_payload(opt):

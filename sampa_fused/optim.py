@@ -66,7 +66,8 @@ class SAMPa(Sharpness):
         self.guard.save_buffers()
         # 1. xt = x + rho gy / (||gy|| + eps)  -> the model
         # 2. y  = peek(x, s, gy)               -> the y parameters
-        self.update.sampa_pre(reps)
+        form = getattr(self.engine, "pre_form", "both")      # a rank running one pass forms its input only
+        self.update.sampa_pre(reps) if form == "both" else self.update.sampa_pre(reps, form)
         self._private.sync()
         # 3. gxt = grad f(xt, B_t) and gy_{t+1} = grad f(y, B_{t+1}), independent
         grads = self.engine.sampa_gradients(held, batch)

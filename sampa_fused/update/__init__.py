@@ -135,24 +135,34 @@ class Update:
         return total.sqrt()
 
     # ------------------------------------------------------------ SAMPa
-    def sampa_pre(self, replicas) -> None:
-        """SPEC 1 steps 1-2 on every replica: x_save <- x, x <- xt, y <- peek."""
+    def sampa_pre(self, replicas, form: str = "both") -> None:
+        """SPEC 1 steps 1-2 on every replica: x_save <- x, x <- xt, y <- peek.
+
+        `form`: "both"; "xt" (y not formed: a rank that runs only the
+        x̃-pass) or "y" (x stays x: a rank that runs only the y-pass). The
+        torch path then skips the other output; the Triton kernel forms both."""
+        if form not in ("both", "xt", "y"):
+            raise ValueError(f"sampa_pre: form must be 'both', 'xt' or 'y', got {form!r}")
         norms = {}
         for rep in replicas:
             with _cuda.on_device(rep.logical):
-                norms[id(rep)] = self._norm(rep, "gy", rep.gy_sq)
+                norms[id(rep)] = self._norm(rep, "gy", rep.gy_sq) if form != "y" else None
         for rep, b, run, sl, h, fl, state in self._each(replicas):
             norm = norms[id(rep)]
             if rep.backend == "triton":
+                if norm is None:
+                    norm = self._norm(rep, "gy", rep.gy_sq)
                 self.rule.triton_pre(b.x[sl], b.x_save[sl], b.y[sl], b.gy[sl], state, norm, h, fl,
                                      self._cfg(rep), self.adaptive)
                 continue
             x = b.x[sl]
             b.x_save[sl].copy_(x)
             xf, gy = upcast(x), upcast(b.gy[sl])
-            y, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
-            b.y[sl].copy_(y)
-            x.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
+            if form != "xt":
+                y, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
+                b.y[sl].copy_(y)
+            if form != "y":
+                x.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
 
     def check(self, replicas, losses: Sequence[torch.Tensor], grads: Sequence[str],
               sq: Optional[str], invs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
