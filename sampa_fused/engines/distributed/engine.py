@@ -37,7 +37,7 @@ after the exchange is the same on every rank: replicas stay bit-identical.
 
 Drift: per step the message carries a digest of every param group's
 hyperparameters and a fingerprint of the new batch (elements, fp64 sum and
-sum of squares, on the device); every `verify_every` steps, at the first
+norm, on the device); every `verify_every` steps, at the first
 step, after opt.load_state_dict and after model.load_state_dict on any
 rank, an exact integer checksum of the parameters. Ranks that should agree
 and do not raise the same RuntimeError everywhere, naming what differs and
@@ -104,14 +104,13 @@ def _hyper_repr(group: dict) -> str:
 
 
 def _same_fingerprint(a, b) -> bool:
-    """(elements, sum, sum of squares): exact count, sums within rounding."""
+    """(elements, sum, norm): exact count, sums within rounding."""
     if a[0] != b[0]:
         return False
     if a == b:
         return True
-    q = max(abs(a[2]), abs(b[2]))
-    return (abs(a[2] - b[2]) <= _FP_RTOL * q
-            and abs(a[1] - b[1]) <= _FP_RTOL * (max(a[0], 1.0) * q) ** 0.5)
+    r = max(abs(a[2]), abs(b[2]))
+    return abs(a[2] - b[2]) <= _FP_RTOL * r and abs(a[1] - b[1]) <= _FP_RTOL * max(a[0], 1.0) ** 0.5 * r
 
 
 class _CommError(RuntimeError):
@@ -558,20 +557,26 @@ class DistributedEngine(Engine):
                 self._hyper_digests())
 
     def _batch_fingerprint(self, batch) -> torch.Tensor:
+        """(elements, sum, norm) of the batch's tensors, in float64, on the
+        device; each tensor weighted by its position (swapped tensors differ)."""
         dev = _cuda.physical(self.device)
-        n, s, q = 0, None, None
-        for i, t in enumerate(tree.tensors(batch)):
+        parts, n = [], 0
+        for t in tree.tensors(batch):
             d = t.detach()
             if d.is_complex():
                 d = torch.view_as_real(d)
-            d = d.reshape(-1).to(torch.float64)
-            w = float(i + 1)        # weighted by position: swapped tensors differ
-            si, qi = (d.sum() * w).to(dev), (torch.dot(d, d) * w).to(dev)
-            s, q = (si, qi) if s is None else (s + si, q + qi)
+            d = d.reshape(-1)
+            if not d.is_floating_point():
+                d = d.to(torch.float64)
+            parts += [d.sum(dtype=torch.float64).to(dev),
+                      torch.linalg.vector_norm(d, dtype=torch.float64).to(dev)]
             n += d.numel()
-        if s is None:
+        if not parts:
             return torch.zeros(3, dtype=torch.float64, device=dev)
-        return torch.stack([torch.full((), float(n), dtype=torch.float64, device=dev), s, q])
+        v = torch.stack(parts).view(-1, 2)
+        w = torch.arange(1, v.shape[0] + 1, dtype=torch.float64, device=dev)
+        return torch.cat([torch.full((1,), float(n), dtype=torch.float64, device=dev),
+                          (v * w[:, None]).sum(0)])
 
     def _param_sums(self, per_param: bool = False):
         """Exact integer sums of x's bits (x_save: x as the step found it) and
@@ -634,7 +639,7 @@ class DistributedEngine(Engine):
                 fa, fb = view.rows[a][BATCH_FP], view.rows[b][BATCH_FP]
                 raise self._drift_error(
                     f"rank {a} and rank {b} were given different batches of the same size",
-                    f"fingerprints (elements, sum, sum of squares): rank {a} {fa[0]:.0f}, {fa[1]:.17g}, "
+                    f"fingerprints (elements, sum, norm): rank {a} {fa[0]:.0f}, {fa[1]:.17g}, "
                     f"{fa[2]:.17g}; rank {b} {fb[0]:.0f}, {fb[1]:.17g}, {fb[2]:.17g}",
                     "With sharded_batches=False every rank must pass the same global batch (seed "
                     "every rank's shuffling alike); with sharded_batches=True ranks r and r + k "

@@ -24,7 +24,7 @@ from .packing import ALIGN
 
 # per-rank row: device values first (written by device copies), host values after
 LOSS = 0
-BATCH_FP = slice(1, 4)        # batch fingerprint: (elements, sum, sum of squares) in float64
+BATCH_FP = slice(1, 4)        # batch fingerprint: (elements, sum, norm) in float64
 CHECKSUM = slice(4, 6)        # parameter checksum (two 48-bit integer sums), when HAS_CHECKSUM
 HOST = 6                      # first host-written field
 FAILED, SEQ, HELD, NEW, BUF_BYTES, BUF_DIGEST, HAS_CHECKSUM, LOADED, BUF_SENT, HYPER = range(6, 16)
