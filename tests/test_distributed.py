@@ -1001,3 +1001,32 @@ def test_option_validation():
     with pytest.raises(ValueError, match="bucket_bytes"):
         SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, engine="distributed", bucket_bytes=0)
     assert DEFAULT_TIMEOUT_S > 0
+
+
+def test_batch_fingerprint_tells_one_changed_sample_apart():
+    # The per-step fingerprint samples large tensors; every sample of the
+    # batch must still count, and the label tensor (small) is taken whole.
+    from types import SimpleNamespace
+
+    from sampa_fused.engines.distributed.engine import DistributedEngine, _same_fingerprint
+    me = SimpleNamespace(device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(128, 3, 32, 32, generator=g), torch.randint(0, 10, (128,), generator=g)
+
+    def fp(batch, full=False):
+        return DistributedEngine._batch_fingerprint(me, batch, full).tolist()
+    base = fp((x, y))
+    assert _same_fingerprint(base, fp((x.clone(), y.clone())))
+    for i in (0, 57, 127):
+        x2 = x.clone()
+        x2[i] = torch.randn(3, 32, 32, generator=g)
+        assert not _same_fingerprint(base, fp((x2, y))), i
+    y2 = y.clone()
+    y2[3] = (y2[3] + 1) % 10
+    assert not _same_fingerprint(base, fp((x, y2)))
+    assert not _same_fingerprint(base, fp((y, x)))                     # order counts
+    assert not _same_fingerprint(base, fp((x[torch.randperm(128, generator=g)], y)))
+    # every element on checksum steps: one changed pixel shows
+    x3 = x.clone()
+    x3[9, 1, 2, 3] += 0.5
+    assert not _same_fingerprint(fp((x, y), full=True), fp((x3, y), full=True))

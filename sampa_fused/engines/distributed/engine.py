@@ -89,6 +89,7 @@ DEFAULT_VERIFY_EVERY = 100          # steps between parameter checksums
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MASK48 = (1 << 48) - 1
 _FP_RTOL = 1e-9     # batch fingerprints: fp64 sums may round differently with other thread counts
+_FP_SAMPLE = 4096   # elements per batch tensor in the per-step fingerprint
 
 
 def _hyper_value(v) -> str:
@@ -551,14 +552,18 @@ class DistributedEngine(Engine):
         """This step's drift values: the batch fingerprint (on the device),
         the parameter checksum when one is due (on the device), and one
         digest per param group of its hyperparameters."""
-        due = self._verify_due or self._loaded or (self.verify_every > 0
-                                                   and self._steps % self.verify_every == 0)
-        return (self._batch_fingerprint(batch_box[0]), self._checksum() if due else None,
-                self._hyper_digests())
+        # `due` is the same on every rank; `_loaded` is this rank's own
+        due = self._verify_due or (self.verify_every > 0 and self._steps % self.verify_every == 0)
+        return (self._batch_fingerprint(batch_box[0], full=due),
+                self._checksum() if due or self._loaded else None, self._hyper_digests())
 
-    def _batch_fingerprint(self, batch) -> torch.Tensor:
+    def _batch_fingerprint(self, batch, full: bool) -> torch.Tensor:
         """(elements, sum, norm) of the batch's tensors, in float64, on the
-        device; each tensor weighted by its position (swapped tensors differ)."""
+        device; each tensor weighted by its position (swapped tensors differ).
+        Unless `full`, a large tensor contributes every s-th element only
+        (about _FP_SAMPLE of them, s odd: every sample of the batch is hit):
+        enough to tell different batches apart at a fraction of a pass over
+        them; the steps that check the parameters take every element."""
         dev = _cuda.physical(self.device)
         parts, n = [], 0
         for t in tree.tensors(batch):
@@ -566,6 +571,8 @@ class DistributedEngine(Engine):
             if d.is_complex():
                 d = torch.view_as_real(d)
             d = d.reshape(-1)
+            if not full and d.numel() > 2 * _FP_SAMPLE:
+                d = d[::d.numel() // _FP_SAMPLE | 1]
             if not d.is_floating_point():
                 d = d.to(torch.float64)
             parts += [d.sum(dtype=torch.float64).to(dev),
