@@ -146,12 +146,12 @@ class Update:
         norms = {}
         for rep in replicas:
             with _cuda.on_device(rep.logical):
-                norms[id(rep)] = self._norm(rep, "gy", rep.gy_sq) if form != "y" else None
+                # (the Triton kernel forms xt whatever `form` says)
+                need = form != "y" or rep.backend == "triton"
+                norms[id(rep)] = self._norm(rep, "gy", rep.gy_sq) if need else None
         for rep, b, run, sl, h, fl, state in self._each(replicas):
             norm = norms[id(rep)]
             if rep.backend == "triton":
-                if norm is None:
-                    norm = self._norm(rep, "gy", rep.gy_sq)
                 self.rule.triton_pre(b.x[sl], b.x_save[sl], b.y[sl], b.gy[sl], state, norm, h, fl,
                                      self._cfg(rep), self.adaptive)
                 continue
