@@ -48,7 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+# --code DIR (set by --baseline for its subprocess): time that checkout's sampa_fused
+CODE = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv[:-1] else REPO
+sys.path.insert(0, CODE)
 
 CONFIGS = {
     # name: (world size, method, engine, options)
@@ -276,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON path")
     ap.add_argument("--json", default=None, metavar="PATH", help="JSON path (overrides --out)")
     ap.add_argument("--chart", default=None, help="PNG path (default: next to the JSON)")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time sampa_2ranks and sam_dp_2ranks with the sampa_fused of another "
+                         "checkout (e.g. /work/main), in the same interleaved rounds "
+                         "(configs sampa_2ranks@baseline, sam_dp_2ranks@baseline)")
+    ap.add_argument("--code", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     return ap
 
 
@@ -333,6 +341,17 @@ def sweep(a, ap, batches) -> dict:
             if "sam_1proc_allcores" in med else None,
             "median_ms": med,
         }
+        # CPU time of the busiest rank per step: the work, which contention
+        # from other programs inflates less than wall time
+        cpu = {n: max(c[n]["cpu_ms_per_step_by_rank"]) for n in c}
+        ratios[b]["cpu_ms_busiest_rank"] = cpu
+        for num, den in (("sampa_2ranks", "fwd_bwd_2ranks"), ("sampa_2ranks", "sam_dp_2ranks"),
+                         ("sampa_2ranks@baseline", "fwd_bwd_2ranks"),
+                         ("sampa_2ranks@baseline", "sam_dp_2ranks@baseline"),
+                         ("sampa_2ranks", "sampa_2ranks@baseline")):
+            if num in med and den in med:
+                ratios[b][f"{num}_vs_{den}"] = med[num] / med[den]
+                ratios[b][f"cpu_{num}_vs_{den}"] = cpu[num] / cpu[den]
     targets = {}
     for b, (fb, dp) in SWEEP_TARGETS.items():
         if b not in ratios:
@@ -354,7 +373,7 @@ def sweep(a, ap, batches) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({"ratios": {b: {k: v for k, v in r.items() if k != "median_ms"}
+    print(json.dumps({"ratios": {b: {k: v for k, v in r.items() if k not in ("median_ms", "cpu_ms_busiest_rank")}
                                  for b, r in ratios.items()}, "targets": targets}, indent=2))
     try:
         import matplotlib
@@ -388,9 +407,34 @@ def sweep(a, ap, batches) -> dict:
     return result
 
 
+def _baseline(name: str, args: dict, code: str) -> dict:
+    """One configuration with another checkout's sampa_fused, in a fresh
+    interpreter (this one has imported ours)."""
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--code", code, "--run-one", name,
+               "--batch", str(args["batch"]), "--width", str(args["width"]), "--steps",
+               str(args["steps"]), "--warmup", str(args["warmup"]), "--json", out]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, PYTHONPATH=code))
+        if p.returncode != 0:
+            raise RuntimeError(f"{name}@baseline failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
 def main(argv=None):
     ap = build_parser()
     a = ap.parse_args(argv)
+    if a.run_one:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused"])
+        args = {"batch": a.batch, "width": a.width, "steps": a.steps, "warmup": a.warmup}
+        res = run_config(a.run_one, args, ctx)
+        with open(a.json, "w") as f:
+            json.dump({k: res[k] for k in ("times", "cpu", "wait_ms")}, f)
+        return res
     if a.batches:
         try:
             batches = [int(b) for b in a.batches.split(",")]
@@ -414,8 +458,10 @@ def run_once(a, ap) -> dict:
     a.rounds = pl["rounds"]
     args = {"batch": a.batch, "width": a.width, "steps": pl["steps"], "warmup": pl["warmup"]}
     names = pl["configs"].split(",")
+    if a.baseline:
+        names += [f"{n}@baseline" for n in ("sampa_2ranks", "sam_dp_2ranks")]
     for n in names:
-        if n not in CONFIGS:
+        if n.split("@")[0] not in CONFIGS:
             ap.error(f"unknown config {n!r}; choose from {list(CONFIGS)}")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused"])
@@ -429,7 +475,8 @@ def run_once(a, ap) -> dict:
     for r in range(a.rounds):
         load_rounds.append(os.getloadavg())
         for n in names[r % len(names):] + names[:r % len(names)]:   # rotate: no fixed position
-            res = run_config(n, args, ctx)
+            res = (_baseline(n.split("@")[0], args, a.baseline) if n.endswith("@baseline")
+                   else run_config(n, args, ctx))
             times[n] += res["times"]
             cpu[n].append(res["cpu"])
             waits[n].append(res["wait_ms"])
@@ -441,7 +488,7 @@ def run_once(a, ap) -> dict:
         s = summarize(times[n])
         s["round_medians_ms"] = rounds[n]
         s["min_round_median_ms"] = min(rounds[n])
-        world = CONFIGS[n][0]
+        world = CONFIGS[n.split("@")[0]][0]
         if waits[n] and waits[n][0][0] is not None:
             s["end_of_pass_wait_ms_by_rank"] = [statistics.median(rnd[r] for rnd in waits[n])
                                                 for r in range(world)]
