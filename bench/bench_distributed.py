@@ -135,7 +135,7 @@ def _rank(rank, world, init_file, name, args, out_path):
                 times.append(t1 - t0)
                 cpu.append(c1 - c0)
                 if stages is not None:
-                    per_step.append(dict(stages, step=t1 - t0))
+                    per_step.append(dict(stages, step=t1 - t0, **{"cpu: step": c1 - c0}))
             if stages is not None:
                 stages.clear()
         res = {"times": times, "cpu": cpu,
@@ -144,7 +144,11 @@ def _rank(rank, world, init_file, name, args, out_path):
             keys = sorted({k for d in per_step for k in d})
             prof = {k: statistics.median(d.get(k, 0.0) for d in per_step) * 1e3 for k in keys}
             prof["other"] = statistics.median(
-                d["step"] - sum(v for k, v in d.items() if k != "step") for d in per_step) * 1e3
+                d["step"] - sum(v for k, v in d.items() if k != "step" and not k.startswith("cpu"))
+                for d in per_step) * 1e3
+            prof["cpu: other"] = statistics.median(
+                d["cpu: step"] - sum(v for k, v in d.items() if k.startswith("cpu") and k != "cpu: step")
+                for d in per_step) * 1e3
             res["profile_ms"] = prof
         if opt is not None:
             res["params"] = sum(p.numel() for p in model.parameters())
@@ -170,11 +174,13 @@ def _profile(opt) -> dict:
             return
 
         def timed(*a, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return inner(*a, **k)
             finally:
                 stages[label] = stages.get(label, 0.0) + time.perf_counter() - t
+                cpu = f"cpu: {label}"
+                stages[cpu] = stages.get(cpu, 0.0) + time.process_time() - c
         setattr(obj, attr, timed)
     for attr in ("sampa_pre", "sam_save", "sam_perturb"):
         wrap(upd, attr, "update: before the passes")
