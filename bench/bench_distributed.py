@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time sampa_2ranks and sam_dp_2ranks with the sampa_fused of another "
                          "checkout (e.g. /work/main), in the same interleaved rounds "
                          "(configs sampa_2ranks@baseline, sam_dp_2ranks@baseline)")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="redraw a sweep's plot from its JSON")
     ap.add_argument("--code", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     return ap
@@ -381,36 +382,54 @@ def sweep(a, ap, batches) -> dict:
         json.dump(result, f, indent=2)
     print(json.dumps({"ratios": {b: {k: v for k, v in r.items() if k not in ("median_ms", "cpu_ms_busiest_rank")}
                                  for b, r in ratios.items()}, "targets": targets}, indent=2))
+    sweep_chart(result, a.chart or os.path.splitext(out)[0] + ".png")
+    return result
+
+
+def sweep_chart(result: dict, path: str) -> None:
+    """The ratios against batch size, the targets as short bars of the
+    same colour (python bench/bench_distributed.py --replot JSON redraws it)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return result
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("sampa_2ranks_vs_fwd_bwd_2ranks", "SAMPa 2 ranks / parallel floor (2 ranks, 1 fwd-bwd each)"),
-                       ("sampa_2ranks_vs_fwd_bwd_1proc", "SAMPa 2 ranks / one forward-backward"),
-                       ("sampa_2ranks_vs_sam_dp_2ranks", "SAMPa 2 ranks / SAM data-parallel 2 ranks"),
-                       ("sampa_2ranks_vs_sam_1proc", "SAMPa 2 ranks / SAM 1 process 1 thread"),
-                       ("sampa_2ranks_vs_sam_1proc_allcores", "SAMPa 2 ranks / SAM 1 process all cores")):
-        xs = [b for b in batches if ratios[b][key] is not None]
-        ax.plot(xs, [ratios[b][key] for b in xs], marker="o", label=label)
+        return
+    ratios = {int(b): r for b, r in result["ratios"].items()}
+    batches = sorted(ratios)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    lines = (("sampa_2ranks_vs_fwd_bwd_2ranks", "SAMPa 2 ranks / parallel floor (2 ranks, 1 fwd-bwd each)", 0),
+             ("sampa_2ranks_vs_sam_dp_2ranks", "SAMPa 2 ranks / SAM data-parallel 2 ranks", 1),
+             ("sampa_2ranks@baseline_vs_fwd_bwd_2ranks", "baseline SAMPa 2 ranks / parallel floor", 0),
+             ("sampa_2ranks@baseline_vs_sam_dp_2ranks@baseline", "baseline SAMPa / baseline SAM-DP", 1),
+             ("sampa_2ranks_vs_fwd_bwd_1proc", "SAMPa 2 ranks / one forward-backward", None),
+             ("sampa_2ranks_vs_sam_1proc", "SAMPa 2 ranks / SAM 1 process 1 thread", None),
+             ("sampa_2ranks_vs_sam_1proc_allcores", "SAMPa 2 ranks / SAM 1 process all cores", None))
+    colors = {0: "C0", 1: "C1"}
+    extra = iter(["C2", "C3", "C4"])
+    for key, label, target in lines:
+        xs = [b for b in batches if ratios[b].get(key) is not None]
+        if not xs:
+            continue
+        dashed = "@baseline" in key
+        color = colors[target] if target is not None else next(extra)
+        ax.plot(xs, [ratios[b][key] for b in xs], marker="o", label=label, color=color,
+                ls="--" if dashed else "-", alpha=0.6 if dashed else 1.0)
     ax.axhline(1.0, color="grey", lw=0.8)
-    for b, (fb, dp) in SWEEP_TARGETS.items():
+    for b, goals in SWEEP_TARGETS.items():
         if b in ratios:
-            ax.plot([b], [fb], marker="_", ms=18, color="C0")
-            ax.plot([b], [dp], marker="_", ms=18, color="C1")
+            for goal, target in zip(goals, (0, 1)):
+                ax.plot([b], [goal], marker="_", ms=22, mew=3, color=colors[target])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("ratio of median step times")
     la = result["machine"]["loadavg_by_batch"]
-    ax.set_title("CPU, gloo loopback, 1 thread per process; targets: short bars\n"
+    ax.set_title("CPU, gloo loopback, 1 thread per process; targets: thick bars (same colour)\n"
                  f"load average {', '.join(f'{v[0]:.1f}' for v in la.values())} at the start of "
-                 f"each batch size; {os.cpu_count()} cores", fontsize=9)
-    ax.legend(fontsize=8)
+                 f"each batch size; {result['machine']['cpus']} cores", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(a.chart or os.path.splitext(out)[0] + ".png", dpi=120)
-    return result
+    fig.savefig(path, dpi=120)
 
 
 def _baseline(name: str, args: dict, code: str) -> dict:
@@ -433,6 +452,10 @@ def _baseline(name: str, args: dict, code: str) -> dict:
 def main(argv=None):
     ap = build_parser()
     a = ap.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as f:
+            sweep_chart(json.load(f), a.chart or os.path.splitext(a.replot)[0] + ".png")
+        return None
     if a.run_one:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused"])
