@@ -400,6 +400,17 @@ def _scenario_drift(rank, world):
             opt.model.fc.weight[0, 0] += 1e-3
     res["in_place"] = log + _steps(opt, data[1:4])
 
+    # Each rank forms only its own pass's input; the y-rank holds the
+    # caller's batch object (it never runs the held batch), the x̃-rank a copy.
+    opt = fresh()
+    rep = opt.flat.primary
+    y0 = [b.y.clone() for b in rep.slabs]
+    _steps(opt, data[:3])
+    res["roles"] = {"form": opt.engine.pre_form, "role": opt.engine.role,
+                    "y_untouched": all(torch.equal(a, b.y) for a, b in zip(y0, rep.slabs)),
+                    "held_is_batch": opt.held_batch is data[2],
+                    "held_equal": all(torch.equal(a, b) for a, b in zip(opt.held_batch, data[2]))}
+
     # two ranks given different batches of the same size
     for method in ("sampa", "sam"):
         opt = fresh(method)
@@ -836,6 +847,14 @@ def test_parameter_changed_in_place_on_one_rank_caught_by_the_checksum(drift):
         assert "ok" not in log[2:], "the changed parameter went unseen"
         for kind, _, msg in log[2:]:                   # step 3, and every step after, until fixed
             assert kind == "RuntimeError" and "fc.weight" in msg and "conv.weight" not in msg, msg
+
+
+def test_each_rank_forms_only_its_own_input_and_the_y_rank_keeps_no_copy(drift):
+    x, y = drift[0]["roles"], drift[1]["roles"]
+    assert (x["role"], x["form"], y["role"], y["form"]) == ("x", "xt", "y", "y")
+    assert x["y_untouched"] and not y["y_untouched"]
+    assert not x["held_is_batch"] and x["held_equal"]
+    assert y["held_is_batch"]
 
 
 @pytest.mark.parametrize("method", ["sampa", "sam"])

@@ -494,8 +494,8 @@ class DistributedEngine(Engine):
             self._take_buffers(view)
         dtype = torch.promote_types(res.loss.dtype, torch.float32)
         dev = _cuda.physical(self.device)
-        losses = [torch.tensor(sum(r[LOSS] for rank, r in enumerate(view.rows) if self._slot(rank) == s),
-                               dtype=dtype, device=dev) for s in (0, 1)]
+        losses = [torch.full((), sum(r[LOSS] for rank, r in enumerate(view.rows) if self._slot(rank) == s),
+                             dtype=dtype, device=dev) for s in (0, 1)]
         got = view.got if res.got is not None else None
         return losses, got, res.outputs
 
@@ -565,7 +565,7 @@ class DistributedEngine(Engine):
         enough to tell different batches apart at a fraction of a pass over
         them; the steps that check the parameters take every element."""
         dev = _cuda.physical(self.device)
-        parts, n = [], 0
+        parts, n, home = [], 0, None      # computed where the batch is; 3 values moved
         for t in tree.tensors(batch):
             d = t.detach()
             if d.is_complex():
@@ -575,15 +575,15 @@ class DistributedEngine(Engine):
                 d = d[::d.numel() // _FP_SAMPLE | 1]
             if not d.is_floating_point():
                 d = d.to(torch.float64)
-            parts += [d.sum(dtype=torch.float64).to(dev),
-                      torch.linalg.vector_norm(d, dtype=torch.float64).to(dev)]
+            home = d.device if home is None else home
+            parts += [d.sum(dtype=torch.float64).to(home), torch.linalg.vector_norm(d, dtype=torch.float64).to(home)]
             n += d.numel()
         if not parts:
             return torch.zeros(3, dtype=torch.float64, device=dev)
         v = torch.stack(parts).view(-1, 2)
-        w = torch.arange(1, v.shape[0] + 1, dtype=torch.float64, device=dev)
-        return torch.cat([torch.full((1,), float(n), dtype=torch.float64, device=dev),
-                          (v * w[:, None]).sum(0)])
+        w = torch.arange(1, v.shape[0] + 1, dtype=torch.float64, device=home)
+        fp = torch.cat([torch.full((1,), float(n), dtype=torch.float64, device=home), (v * w[:, None]).sum(0)])
+        return fp
 
     def _param_sums(self, per_param: bool = False):
         """Exact integer sums of x's bits (x_save: x as the step found it) and

@@ -64,14 +64,16 @@ class Message:
         row[:HOST].zero_()
         if loss is not None:
             row[LOSS].copy_(loss.detach().reshape(()))
+        # Host values go up without a stream sync (non_blocking from pageable
+        # memory is staged at once): the host reads once per pass, later.
         if batch_fp is not None:
-            row[BATCH_FP].copy_(batch_fp)
+            row[BATCH_FP].copy_(batch_fp, non_blocking=True)
         if checksum is not None:
             row[CHECKSUM].copy_(checksum)
-        row[HOST:].copy_(torch.tensor(host, dtype=torch.float64))
+        row[HOST:].copy_(torch.tensor(host, dtype=torch.float64), non_blocking=True)
         want = list(got) if got is not None else [False] * self.n_params
         if reset_got or want != self._got_written:
-            self.got.copy_(torch.tensor(want, dtype=torch.uint8))
+            self.got.copy_(torch.tensor(want, dtype=torch.uint8), non_blocking=True)
             self._got_written = want
 
     def host_head(self) -> torch.Tensor:
