@@ -423,6 +423,10 @@ class DistributedEngine(Engine):
         self._msg = Message(self.world_size, len(self.ctx.params), n_groups, send, device)
         self._peer = (Message(self.world_size, len(self.ctx.params), n_groups, send, device)
                       if self.mode == "p2p" else None)
+        # the buffers' views in what rank 0 sends and in what the others receive
+        got = self._peer if self.mode == "p2p" else self._msg
+        self._views = ((views(self._msg.buffers, self._buffers.tensors),
+                        views(got.buffers, self._buffers.tensors)) if send else ([], []))
 
     def _pass(self, module, parts_fn, which: str, slot: int, leaves, sizes, buffers=None,
               drift_batch=None, keeps_buffers: bool = True):
@@ -473,7 +477,7 @@ class DistributedEngine(Engine):
             msg.flat.zero_()          # reduced in place last time: other ranks' bytes are there
         if (keeps_buffers and self.rank == 0 and failure is None and msg.buffer_bytes
                 and self._buffers.signature == self._agreed):
-            torch._foreach_copy_(views(msg.buffers, self._buffers.tensors), self._buffers.tensors)
+            torch._foreach_copy_(self._views[0], self._buffers.tensors)
             sent = 1
         batch_fp = checksum = hyper = None
         has_sum = loaded = 0
@@ -526,8 +530,11 @@ class DistributedEngine(Engine):
     def _read(self) -> View:
         msg = self._msg
         if self.mode == "p2p":
-            both = torch.cat([msg.flat[:msg.head], self._peer.flat[:msg.head]]).cpu()
-            heads = [both[:msg.head], both[msg.head:]]
+            if msg.flat.device.type == "cpu":
+                heads = [msg.flat[:msg.head], self._peer.flat[:msg.head]]
+            else:                       # one device-to-host copy
+                both = torch.cat([msg.flat[:msg.head], self._peer.flat[:msg.head]]).cpu()
+                heads = [both[:msg.head], both[msg.head:]]
             owner = [0 if r == self.rank else 1 for r in range(self.world_size)]
             return View([msg, self._peer], heads, owner)
         return View([msg], [msg.host_head()], [0] * self.world_size)
@@ -539,9 +546,8 @@ class DistributedEngine(Engine):
             return
         if view.rows[0][BUF_SENT]:
             if self.rank != 0:
-                src = self._peer.buffers if self.mode == "p2p" else self._msg.buffers
                 with torch.no_grad():
-                    torch._foreach_copy_(self._buffers.tensors, views(src, self._buffers.tensors))
+                    torch._foreach_copy_(self._buffers.tensors, self._views[1])
             return
         if self._buffers.signature != self._agreed:
             self._layout_message()
