@@ -619,7 +619,8 @@ class DistributedEngine(Engine):
     def _gather(self, obj, what: str) -> list:
         every: List[Any] = [None] * self.world_size
         try:
-            dist.all_gather_object(every, obj, group=self.group)
+            with self._on_device():     # NCCL gathers objects through the current device
+                dist.all_gather_object(every, obj, group=self.group)
         except Exception as e:
             raise self._comm_error(what, e) from e
         return every
