@@ -389,6 +389,11 @@ class Sharpness(torch.optim.Optimizer):
         self._structure = (self.update.refresh(hyper, self.engine.replicas),
                            self.model.training, torch.is_grad_enabled(), self.loss_fn,
                            self.accumulation_steps, self.grad_scaler is not None)
+        if getattr(self.engine, "graph", None) is not None:
+            # A CUDA graph replays the tensor hooks it captured: a hook added or
+            # removed since is another structure (run eagerly, then captured again).
+            self._structure += (tuple(tuple(h) if h else () for h in
+                                      (p._backward_hooks for p in self.flat.layout.params)),)
         self.guard.init_scaler(self.flat.primary.device)
         return batch
 

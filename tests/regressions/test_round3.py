@@ -7,6 +7,7 @@ With rho = 0 SAM's step is the base optimizer's step on the same batch
 the same way, be the reference for the edits of opt.state and param groups.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -130,6 +131,62 @@ def test_a_tensor_hook_acts_on_the_streams_engine():
     assert torch.equal(after[mask == 0], before[mask == 0])
 
 
+def test_a_tensor_hook_added_after_a_cuda_graph_capture_acts():
+    from fake_cuda import fake_cuda
+    torch.manual_seed(0)
+    model = Net()
+    mask = (torch.rand_like(model.fc1.weight) > 0.5).float()
+    with fake_cuda():
+        opt = SAMPa(model, ce, torch.optim.SGD, rho=0.1, lam=0.5, lr=0.1, backend="torch",
+                    engine="streams", graph=True, warmup_steps=1)
+        bs = batches(8)
+        for b in bs[:4]:
+            opt.step(b)
+        assert opt.engine.graph.captures == 1
+        handle = model.fc1.weight.register_hook(lambda g: g * mask)
+        before = model.fc1.weight.detach().clone()
+        for b in bs[4:7]:
+            opt.step(b)
+        after = model.fc1.weight.detach().clone()
+        assert opt.engine.graph.captures == 2
+        handle.remove()
+        opt.step(bs[7])
+    assert torch.equal(after[mask == 0], before[mask == 0])
+    assert not torch.equal(model.fc1.weight.detach()[mask == 0], after[mask == 0])
+
+
+def _hooked_rank(rank, world, port, out):
+    import torch.distributed as dist
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, mask, before, opt = _masked_run(SAMPa, engine="distributed", steps=3)
+        if rank == 0:
+            torch.save({"mask": mask, "before": before, "after": model.fc1.weight.detach().clone(),
+                        "role": opt.engine.role}, out)
+        del opt
+    finally:
+        import gc
+        gc.collect()            # the engine closes its group first
+        dist.destroy_process_group()
+
+
+def test_a_tensor_hook_acts_on_the_distributed_engine(tmp_path):
+    """Two ranks: one runs the x̃-pass, the other the y-pass (on the y leaves)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_hooked_rank, args=(2, port, out), nprocs=2, join=True)
+    r = torch.load(out)
+    assert torch.equal(r["after"][r["mask"] == 0], r["before"][r["mask"] == 0])
+    assert not torch.equal(r["after"][r["mask"] == 1], r["before"][r["mask"] == 1])
+
+
 def test_the_peer_engine_refuses_a_tensor_hook_naming_the_parameter():
     from fake_cuda import fake_cuda
     torch.manual_seed(0)
@@ -226,6 +283,25 @@ def test_sgd_momentum_given_to_a_parameter_without_state_is_used():
         opt.step(batch)
         torch_step(ref, b, batch)
     assert_close(a, b)
+
+
+def test_opt_state_edits_are_seen_after_load_state_dict():
+    a, b = twins()
+    kw = dict(lr=0.1, momentum=0.9)
+    opt = SAMPa(a, ce, torch.optim.SGD, backend="torch", **kw)
+    bs = batches(4)
+    for batch in bs[:2]:
+        opt.step(batch)
+    sd = opt.state_dict()
+    b.load_state_dict(a.state_dict())
+    opt2 = SAMPa(b, ce, torch.optim.SGD, backend="torch", **kw)
+    opt2.load_state_dict(sd)
+    for o, m in ((opt, a), (opt2, b)):
+        del o.state[m.fc2.weight]
+        o.step(bs[2])
+    assert torch.equal(a.fc2.weight, b.fc2.weight)
+    assert torch.equal(opt.state[a.fc2.weight]["momentum_buffer"], opt2.state[b.fc2.weight]["momentum_buffer"])
+    assert opt.flat.counts == opt2.flat.counts and opt.flat.counts[2] == 1
 
 
 # ------------------------------------------------------------ 3. params lists
