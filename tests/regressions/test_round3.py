@@ -285,6 +285,22 @@ def test_sgd_momentum_given_to_a_parameter_without_state_is_used():
     assert_close(a, b)
 
 
+def test_adamw_state_without_step_for_a_parameter_without_state_is_refused():
+    model = Net()
+    opt = SAM(model, ce, torch.optim.AdamW, lr=1e-2, backend="torch")
+    w = model.fc1.weight
+    opt.state[w]["exp_avg"] = torch.zeros_like(w)
+    opt.state[w]["exp_avg_sq"] = torch.zeros_like(w)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"fc1\.weight.*not \['step'\]"):
+        opt.step(batches(1)[0])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.flat.counts == [0] * 4 and opt.step_count == 0
+    opt.state[w]["step"] = torch.tensor(3.0)
+    opt.step(batches(1)[0])
+    assert opt.flat.counts[0] == 4 and opt.flat.counts[1] == 1
+
+
 def test_opt_state_edits_are_seen_after_load_state_dict():
     a, b = twins()
     kw = dict(lr=0.1, momentum=0.9)
