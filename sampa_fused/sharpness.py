@@ -84,7 +84,7 @@ class Sharpness(torch.optim.Optimizer):
         self.base = base
         self.param_groups, self.state, self.defaults = base.param_groups, base.state, base.defaults
         self.nonfinite = nonfinite
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = None if max_grad_norm is None else _number(max_grad_norm)
         self.accumulation_steps = accumulation_steps
         self.adaptive = adaptive
         self.last_outputs: Any = None     # the x̃-pass's loss_fn outputs of the last step
@@ -143,8 +143,7 @@ class Sharpness(torch.optim.Optimizer):
                                             and hasattr(grad_scaler, "is_enabled")):
             raise TypeError(f"{cls}: grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
-                                              and not isinstance(max_grad_norm, bool) and max_grad_norm > 0):
+        if max_grad_norm is not None and not (_number(max_grad_norm) or 0) > 0:
             raise ValueError(f"{cls}: max_grad_norm must be a number > 0 (or None), got {max_grad_norm!r}")
         if isinstance(accumulation_steps, bool) or not (isinstance(accumulation_steps, int)
                                                         and accumulation_steps >= 1):

@@ -242,6 +242,28 @@ def test_edits_of_opt_state_act_as_on_torchs_optimizer(base, kw, edit):
     assert_close(a, b)
 
 
+def test_opt_state_edits_reach_the_peer_engines_replica():
+    """The peer engine keeps the state on both GPUs: an edit must reach both,
+    so the trajectory equals the serial engine's with the same edits."""
+    from fake_cuda import fake_cuda
+    a, b = twins()
+    kw = dict(lr=0.1, momentum=0.9, rho=0.1, lam=0.5, backend="torch")
+    bs = batches(5)
+    buf = torch.randn(a.fc2.weight.shape, generator=torch.Generator().manual_seed(4))
+
+    def run(opt, model, host=lambda t: t):
+        for i, batch in enumerate(bs):
+            if i == 2:
+                del opt.state[model.fc1.weight]
+                opt.state[model.fc2.weight]["momentum_buffer"] = buf.clone()
+            opt.step(tuple(host(t.clone()) for t in batch))
+    run(SAMPa(b, ce, torch.optim.SGD, **kw), b)
+    with fake_cuda(devices=2) as rt:
+        run(SAMPa(a, ce, torch.optim.SGD, engine="peer", devices=("cuda:0", "cuda:1"), **kw), a, rt.host)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_adamw_step_count_assignment_and_a_wrong_shape_or_dtype_is_refused():
     a, b = twins()
     kw = dict(lr=1e-2)
@@ -438,6 +460,7 @@ NUMBERS = {
     "numpy-momentum-wd": lambda: dict(momentum=np.float32(0.9), weight_decay=np.float64(1e-3)),
     "tensor-lr": lambda: dict(lr=torch.tensor(0.1)),
     "numpy-int-rho": lambda: dict(rho=np.int64(0)),
+    "numpy-max-grad-norm": lambda: dict(max_grad_norm=np.float32(0.5)),
 }
 needs_numpy = pytest.mark.skipif(np is None, reason="needs numpy")
 
@@ -477,7 +500,8 @@ def test_adamw_betas_as_tensors_and_numpy_scalars_in_a_group():
 
 
 @pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(rho="0.1"), dict(lam=torch.tensor([0.2, 0.3])),
-                                 dict(params_lr="0.1"), dict(momentum=float("inf")), dict(rho=torch.tensor(True))])
+                                 dict(params_lr="0.1"), dict(momentum=float("inf")), dict(rho=torch.tensor(True)),
+                                 dict(max_grad_norm="1.0"), dict(max_grad_norm=float("nan"))])
 def test_a_bad_hyperparameter_is_refused_at_construction(bad):
     model = Net()
     bad = dict(bad)
