@@ -80,6 +80,7 @@ class Sharpness(torch.optim.Optimizer):
         base.defaults.update(extra)
         super().__init__(base.param_groups, base.defaults)
         self._building = False
+        self._engine_stale = False
         # The base optimizer's own objects: schedulers and edits act on both.
         self.base = base
         self.param_groups, self.state, self.defaults = base.param_groups, base.state, base.defaults
@@ -200,7 +201,12 @@ class Sharpness(torch.optim.Optimizer):
         self.flat.relayout(params, groups, names, keep_from)
         self._compact.install(self.model)
         self._after_layout()
+        # An engine that cannot follow (peer: the model copy lacks a new
+        # parameter) raises; it is asked again before every step until the
+        # layout is one it can run, so no step runs on a half-built engine.
+        self._engine_stale = True
         self.engine.relayout()
+        self._engine_stale = False
 
     def _after_layout(self) -> None:
         ctx = self._ctx
@@ -235,6 +241,8 @@ class Sharpness(torch.optim.Optimizer):
         step (a storage, shape or dtype replaced: lay out again, keeping the
         state; a gradient replaced: bind it again; trainable set changed:
         the engine follows)."""
+        if self._engine_stale:
+            self._relayout_by_identity()
         self._follow_param_lists()
         if any(owner is not None and owner[0].get(owner[1]) is not p
                for p, owner in zip(self.flat.layout.params, self._owners)):
@@ -284,8 +292,13 @@ class Sharpness(torch.optim.Optimizer):
         params = self._param_list()[0]        # refuses, naming the group
         if not params:
             raise ValueError(f"{type(self).__name__}: the param groups hold no parameter any more")
+        self._relayout_by_identity()
+
+    def _relayout_by_identity(self) -> None:
+        """Lay out the param groups' parameters as they are now, keeping the
+        state of each parameter already laid out (matched by identity)."""
         old = {id(p): i for i, p in enumerate(self.flat.layout.params)}
-        self._relayout([old.get(id(p), -1) for p in params])
+        self._relayout([old.get(id(p), -1) for p in self._param_list()[0]])
 
     def _follow_registrations(self) -> None:
         """A laid-out parameter is no longer in its module slot. The same
@@ -574,7 +587,15 @@ class Sharpness(torch.optim.Optimizer):
         self.base.add_param_group(group)
         self.param_groups = self.base.param_groups
         new_params = self._param_list()[0]
-        self._relayout([old.get(id(p), -1) for p in new_params])
+        try:
+            self._relayout([old.get(id(p), -1) for p in new_params])
+        except Exception:
+            # the engine refused the new layout: back to the old one, as if never
+            # added (an engine that still refuses is asked again at the next step)
+            self.param_groups.pop()
+            with contextlib.suppress(Exception):
+                self._relayout_by_identity()
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient buffer. Gradients stay views into it whatever

@@ -146,17 +146,18 @@ class ModelReplica:
     def rebind(self, names: Sequence[str]) -> None:
         """The replica's parameters for the optimized names (again after a relayout)."""
         named = dict(self.module.named_parameters(remove_duplicate=True))
-        try:
-            self.params = [named[n] for n in names]
-        except KeyError as e:
-            raise RuntimeError(f"parameter {e} is not in the replica of the model made at "
-                               "construction; modules added to the model later are not supported "
-                               f"by the engine that runs the y-pass {self.where}") from None
-        ours = set(names)
         users = dict(self.model.named_parameters(remove_duplicate=True))
-        self._users = [(n, users.get(n)) for n in names]
-        self._follow = [(named[n], p) for n, p in self.model.named_parameters(remove_duplicate=True)
-                        if n not in ours]
+        missing = [n for n in list(names) + list(users) if n not in named]
+        if missing:       # the user's model has grown (or a parameter was renamed) since
+            raise RuntimeError(f"parameter '{missing[0]}' is not in the replica of the model made at "
+                               "construction; modules added to the model later (and parameters "
+                               "registered under a new name) are not supported by the engine that "
+                               f"runs the y-pass {self.where}: undo the change, or build the "
+                               "optimizer again on the model as it is now")
+        self.params = [named[n] for n in names]
+        ours = set(names)
+        self._users = [(n, users[n]) for n in names]
+        self._follow = [(named[n], p) for n, p in users.items() if n not in ours]
 
     def bind(self, slabs) -> None:
         with torch.no_grad():

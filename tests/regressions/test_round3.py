@@ -405,6 +405,37 @@ def test_add_param_group_with_a_module_added_after_construction():
         assert torch.equal(p, q)
 
 
+def test_peer_engine_refusing_a_new_module_leaves_the_optimizer_as_it_was():
+    """engine='peer' keeps a copy of the model made at construction: it
+    cannot take a module added later. The refusal undoes add_param_group;
+    the next steps equal the serial engine's without it."""
+    from fake_cuda import fake_cuda
+    a, b = twins()
+    kw = dict(lr=0.1, momentum=0.9, rho=0.1, lam=0.5, backend="torch")
+    bs = batches(4)
+    ref = SAMPa(b, ce, torch.optim.SGD, **kw)
+    for batch in bs:
+        ref.step(batch)
+    with fake_cuda(devices=2) as rt:
+        opt = SAMPa(a, ce, torch.optim.SGD, engine="peer", devices=("cuda:0", "cuda:1"), **kw)
+        host = [tuple(rt.host(t.clone()) for t in batch) for batch in bs]
+        opt.step(host[0])
+        opt.step(host[1])
+        with pytest.raises(RuntimeError, match="extra.weight.*added to the model later"):
+            opt.add_param_group({"params": _grown(a).parameters()})
+        del a.extra
+        assert len(opt.param_groups) == 1 and len(opt.flat.layout.params) == 4
+        opt.step(host[2])
+        opt.step(host[3])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def _grown(model):
+    model.extra = nn.Linear(13, 5)
+    return model.extra
+
+
 @pytest.mark.parametrize("cls", [SAMPa, SAM])
 def test_pruning_after_construction_trains_as_pruning_before(cls):
     """torch.nn.utils.prune re-registers the weight as weight_orig (the same
