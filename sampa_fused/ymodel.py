@@ -1,10 +1,12 @@
 """The y-pass runs on the user's own module: for the duration of the pass the
 module's slots of the optimized parameters hold the y leaves (views of the
 flat y buffer whose gradients land in gy_new), and its buffers are private
-copies, as `torch.func.functional_call` swaps them. Hooks, wrappers
+copies, as `torch.func.functional_call` swaps them. Module hooks, wrappers
 (`model.forward` replaced after construction, accelerate's autocast),
 train/eval and frozen weights are then always the user's, and buffer updates
-of the y-pass (batch-norm statistics) are never written back.
+of the y-pass (batch-norm statistics) are never written back. Each y leaf
+shares its parameter's tensor-hook dict (`p.register_hook`), so a hook on a
+parameter acts on its gradient in both passes, added or removed at any time.
 
 Engines that run the y-pass on another device keep a replica of the model
 (`ModelReplica`), synced every step.
@@ -113,9 +115,12 @@ class YPass:
     def swapped_in(self):
         """The user's module holding y and private buffers for the block."""
         self._refresh_slots()
-        for leaf, g in zip(self.leaves, self._grads):
+        for p, leaf, g in zip(self.params, self.leaves, self._grads):
             if leaf.grad is not g:         # something dropped or replaced it: rebind
                 leaf.grad = g
+            hooks = p._backward_hooks      # made on the first register_hook: share it then
+            if leaf._backward_hooks is not hooks:
+                leaf._backward_hooks = hooks
         with swapped(self._slots, self.buffers.slots()):
             yield self.model
 
@@ -136,19 +141,23 @@ class ModelReplica:
         self.model, self.device, self.where = model, device, where
         self.params: List[nn.Parameter] = []
         self._follow: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._users: List[Tuple[str, nn.Parameter]] = []
 
     def rebind(self, names: Sequence[str]) -> None:
         """The replica's parameters for the optimized names (again after a relayout)."""
         named = dict(self.module.named_parameters(remove_duplicate=True))
-        try:
-            self.params = [named[n] for n in names]
-        except KeyError as e:
-            raise RuntimeError(f"parameter {e} is not in the replica of the model made at "
-                               "construction; modules added to the model later are not supported "
-                               f"by the engine that runs the y-pass {self.where}") from None
+        users = dict(self.model.named_parameters(remove_duplicate=True))
+        missing = [n for n in list(names) + list(users) if n not in named]
+        if missing:       # the user's model has grown (or a parameter was renamed) since
+            raise RuntimeError(f"parameter '{missing[0]}' is not in the replica of the model made at "
+                               "construction; modules added to the model later (and parameters "
+                               "registered under a new name) are not supported by the engine that "
+                               f"runs the y-pass {self.where}: undo the change, or build the "
+                               "optimizer again on the model as it is now")
+        self.params = [named[n] for n in names]
         ours = set(names)
-        self._follow = [(named[n], p) for n, p in self.model.named_parameters(remove_duplicate=True)
-                        if n not in ours]
+        self._users = [(n, users[n]) for n in names]
+        self._follow = [(named[n], p) for n, p in users.items() if n not in ours]
 
     def bind(self, slabs) -> None:
         with torch.no_grad():
@@ -161,6 +170,12 @@ class ModelReplica:
     def sync(self) -> None:
         """The user's current buffers, modes and other parameters (frozen, or
         trained by another optimizer) into the replica."""
+        for n, p in self._users:
+            if p is not None and p._backward_hooks:
+                raise RuntimeError(
+                    f"parameter {n} has a tensor hook (p.register_hook); the y-pass runs on a copy "
+                    f"of the model {self.where}, where the hook cannot act on its gradient. Remove "
+                    "the hook (handle.remove()), or use engine='serial' or 'streams', which honour it")
         dst, src = [], []
         for m, r in zip(self.model.modules(), self.module.modules()):
             r.training = m.training
