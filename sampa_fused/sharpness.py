@@ -20,6 +20,7 @@ from .saving import CompactStateDict
 from .state import FlatState
 from .update import make_update, rule_for
 from .update.common import check_number
+from .wrapped import refuse_wrapped, resolved_engine
 from .ymodel import PrivateBuffers, swapped
 
 
@@ -57,6 +58,7 @@ class Sharpness(torch.optim.Optimizer):
         self._check_arguments(model, loss_fn, base_optimizer, nonfinite, grad_scaler, max_grad_norm,
                               accumulation_steps, adaptive, base_kwargs)
         self._check_rho_lam({"rho": rho, **self._defaults_extra()}, cls)
+        refuse_wrapped(model, resolved_engine(engine), cls)    # DDP, FSDP, Fabric: before any collective
         engine_options = {k: base_kwargs.pop(k) for k in ENGINE_OPTIONS if k in base_kwargs}
         if params is None:   # as torch.optim.SGD(model.parameters()): frozen ones too
             params = [p for p in model.parameters() if p.is_floating_point()]
@@ -273,6 +275,7 @@ class Sharpness(torch.optim.Optimizer):
 
     def _begin(self, batch, closure, extra):
         cls = type(self).__name__
+        batch, closure = _batch_from_wrapper(batch, closure)
         if extra:
             raise TypeError(f"{cls}.step() got unexpected arguments {sorted(extra)}")
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
@@ -469,6 +472,15 @@ class _no_state:
     @staticmethod
     def state_names(hp) -> List[str]:
         return []
+
+
+def _batch_from_wrapper(batch, closure):
+    """Optimizer wrappers (Lightning Fabric's) pass step's one argument on as
+    `closure=`: opt.step(batch) arrives as step(closure=batch). A closure that
+    cannot be called is that batch."""
+    if batch is None and closure is not None and not callable(closure):
+        return closure, None
+    return batch, closure
 
 
 def _refuse_accelerate_accumulation(cls: str) -> None:
