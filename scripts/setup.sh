@@ -20,7 +20,7 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 ESSENTIAL=(numpy:numpy pytest:pytest setuptools:setuptools)
 OPTIONAL=(triton:triton==3.8.0 pytest_benchmark:pytest-benchmark tqdm:tqdm matplotlib:matplotlib
           sklearn:scikit-learn ninja:ninja wheel:wheel ruff:ruff safetensors:safetensors
-          accelerate:accelerate lightning:lightning)
+          accelerate:accelerate lightning:lightning transformers:transformers)
 purpose() {
     case $1 in
         numpy) echo "tensor conversions, the data sets and the benchmarks" ;;
@@ -34,7 +34,7 @@ purpose() {
         ninja) echo "fast extension builds (torch falls back to a slow one)" ;;
         wheel) echo "building wheels" ;;
         ruff) echo "the lint step of scripts/test.sh" ;;
-        safetensors|accelerate|lightning) echo "the tests of saving and training loops with $1 (they skip without it)" ;;
+        safetensors|accelerate|lightning|transformers) echo "the tests of saving and training loops with $1 (they skip without it)" ;;
         *) echo "?" ;;
     esac
 }
