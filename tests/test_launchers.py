@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from reference import SmallNet, ce_loss, make_batches
 
 import sampa_fused
@@ -207,3 +210,77 @@ def test_fabric_setup_then_step_with_the_batch_equals_a_plain_loop():
         assert torch.equal(a, b)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_fabric_module_around_a_bare_model_trains_as_the_bare_model():
+    fabric_mod = pytest.importorskip("lightning.fabric")
+    net = _net()
+    twin = copy.deepcopy(net)
+    batches = make_batches(STEPS, batch=12, seed=6)
+    wrapped = fabric_mod.Fabric(accelerator="cpu", devices=1).setup_module(net)
+    opt = SAMPa(wrapped, ce_loss, torch.optim.SGD, **_kw(SAMPa))
+    ref = SAMPa(twin, ce_loss, torch.optim.SGD, **_kw(SAMPa))
+    for b in batches:
+        assert torch.equal(opt.step(b), ref.step(b))
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+FABRIC_SCRIPT = '''
+import sys
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric, seed_everything
+from reference import SmallNet, make_batches
+from sampa_fused import SAMPa
+
+# the README's port of the official script's set-up, on CPU (gloo)
+fabric = Fabric(devices=2, strategy="ddp", accelerator="cpu")
+fabric.launch()
+seed_everything(0)
+data = make_batches(3, batch=12, seed=8)
+dataset = torch.utils.data.TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
+train_loader = fabric.setup_dataloaders(torch.utils.data.DataLoader(dataset, batch_size=12),
+                                        use_distributed_sampler=False)
+torch.manual_seed(0)
+model = SmallNet(bn=False).to(fabric.device)
+loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=0.1)
+opt = SAMPa(model, loss_fn, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9, weight_decay=5e-4,
+            engine="distributed", timeout=30)
+scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2)
+for epoch in range(2):
+    for batch in train_loader:
+        opt.step(batch)
+    scheduler.step()
+if fabric.global_rank == 0:
+    torch.save([p.detach().clone() for p in model.parameters()], {out!r})
+'''
+
+
+def test_readme_fabric_port_on_two_processes_equals_the_serial_engine(tmp_path):
+    pytest.importorskip("lightning.fabric")
+    out = tmp_path / "params.pt"
+    script = tmp_path / "fabric_port.py"
+    script.write_text(FABRIC_SCRIPT.format(repo=REPO, tests=str(Path(__file__).parent), out=str(out)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+               OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = torch.load(out)
+    torch.manual_seed(0)
+    model = SmallNet(bn=False)
+    opt = SAMPa(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=0.1), torch.optim.SGD,
+                rho=0.1, lam=0.2, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2)
+    for _ in range(2):
+        for b in make_batches(3, batch=12, seed=8):
+            opt.step(b)
+        sched.step()
+    for a, b in zip(got, model.parameters()):
+        assert torch.equal(a, b)     # two ranks, one pass each: the serial engine's step exactly
