@@ -294,7 +294,7 @@ class Sharpness(torch.optim.Optimizer):
                                 "= False) and call self.optimizers().step(batch=batch) in "
                                 "training_step")
             with torch.enable_grad():
-                closure()                     # trainers' closures: run, result ignored (SPEC 2)
+                closure()                     # trainers' closures: run, result ignored (README, Use)
         if batch is None:
             raise TypeError(f"{cls}.step(batch): pass the next batch; the optimizer calls "
                             "loss_fn(model, batch) itself (closures are not used)")
