@@ -297,7 +297,7 @@ class Sharpness(torch.optim.Optimizer):
                 closure()                     # trainers' closures: run, result ignored (README, Use)
         if batch is None:
             raise TypeError(f"{cls}.step(batch): pass the next batch; the optimizer calls "
-                            "loss_fn(model, batch) itself (closures are not used)")
+                            "loss_fn(model, batch) itself (closures are not used)" + _trainer_hint())
         if callable(batch) and not isinstance(batch, (torch.Tensor, nn.Module)) and \
                 not tree.tensors(batch):
             raise TypeError(f"{cls}.step(closure): the optimizer computes both gradients itself "
@@ -481,6 +481,14 @@ def _batch_from_wrapper(batch, closure):
     if batch is None and closure is not None and not callable(closure):
         return closure, None
     return batch, closure
+
+
+def _trainer_hint() -> str:
+    """A trainer that calls opt.step() with nothing, after its own backward."""
+    if "transformers.trainer" in sys.modules:
+        return (". Hugging Face Trainer: use sampa_fused.integrations.huggingface.SAMPaTrainer, "
+                "whose training_step calls opt.step(inputs)")
+    return ""
 
 
 def _refuse_accelerate_accumulation(cls: str) -> None:

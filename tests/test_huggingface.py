@@ -137,3 +137,21 @@ def test_an_optimizer_passed_in_is_used_and_other_optimizers_refused(tmp_path):
                        optimizers=(torch.optim.SGD(plain.parameters(), lr=0.1), None))
     with pytest.raises(TypeError, match="SAMPa or SAM"):
         bad.train()
+
+
+def test_a_plain_trainer_is_pointed_to_the_integration(tmp_path):
+    _quiet()
+    model = _bert()
+    opt = SAMPa(model, model_loss, torch.optim.SGD, rho=RHO, lam=LAM, lr=0.1)
+    t = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_dataset(),
+                             optimizers=(opt, None))
+    with pytest.raises(TypeError, match="SAMPaTrainer"):
+        t.train()                 # its own backward, then opt.step() with no batch
+
+
+def test_several_processes_are_refused(tmp_path, monkeypatch):
+    _quiet()
+    t = SAMPaTrainer(model=_bert(), args=_args(tmp_path, max_steps=1), train_dataset=_dataset())
+    monkeypatch.setattr(type(t.args), "world_size", property(lambda self: 2))
+    with pytest.raises(RuntimeError, match="one process"):
+        t.create_optimizer()

@@ -18,8 +18,9 @@ step over `MicroBatches` (each pass accumulates over them, weighted by samples).
 Without `optimizers=`, SAMPa (or SAM with `lam=None`) is built over AdamW with
 the Trainer's learning rate, betas, epsilon and weight-decay groups, and its
 loss is the Trainer's `compute_loss`. Pass `optimizers=(SAMPa(...), scheduler)`
-for anything else. One process (the serial engine on CPU or one GPU); under
-torchrun the Trainer's DDP wrapper is refused by the optimizer.
+for anything else. One process (CPU or one GPU): several processes are refused
+(the Trainer would shard the data and wrap the model in DDP around an
+optimizer that steps the bare module).
 """
 from __future__ import annotations
 
@@ -95,6 +96,12 @@ class SAMPaTrainerMixin:
     def create_optimizer(self, model=None):
         if isinstance(self.optimizer, _AlreadyStepped):
             return self.optimizer
+        if self.args.world_size > 1:
+            # the Trainer would shard the data and wrap the model in DDP, while
+            # the optimizer steps the bare module: the ranks would drift apart
+            raise RuntimeError(f"{type(self).__name__} runs in one process (world size here: "
+                               f"{self.args.world_size}); for several processes use "
+                               "SAMPa(..., engine='distributed') in your own loop under torchrun")
         if self.optimizer is None:
             self.optimizer = self._build_sampa(self.model if model is None else model)
         if not isinstance(self.optimizer, Sharpness):
