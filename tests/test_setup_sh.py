@@ -12,6 +12,7 @@ def test_repeat_call_is_a_no_op_and_a_torch_change_rebuilds(offline):  # noqa: F
     p = offline.run()
     assert p.returncode == 0, p.stderr
     record = offline.root / "build" / "_C.torch"
+    assert record.exists(), p.stderr
     assert record.read_text().strip() == torch.__version__   # found importing: this torch's
     assert (offline.root / "build" / "setup.stamp").exists()
 
