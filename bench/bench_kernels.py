@@ -3,7 +3,7 @@ step against per-parameter and foreach implementations of the same math.
 
 Part 1, kernels: achieved GB/s of each kernel of backend="triton" on flat fp32
 buffers of P elements, next to a plain device-to-device copy (`dst.copy_(src)`)
-moving the same number of bytes. Bytes are counted as in SPEC section 3: every
+moving the same number of bytes. Bytes are counted as in the README's 'What a step moves': every
 buffer a kernel reads plus every buffer it writes, P elements each (so a copy
 of P elements moves 2P). Steady state (not the first step), SGD with
 momentum 0.9 and weight decay, AdamW without amsgrad:
@@ -17,7 +17,7 @@ momentum 0.9 and weight decay, AdamW without amsgrad:
     check        reads g, gy_new (finite check and ||gy_new||^2)         2
 
 So one SGD-momentum SAMPa step moves 6 + 2 + 7 = 15 passes of P, against the
-11 of SPEC section 3's floor: x_save (x kept bit-exact while the model holds
+11 of the README's floor ('What a step moves'): x_save (x kept bit-exact while the model holds
 xt), the gy commit (gy kept unchanged when a step is refused) and the check
 (the finite decision comes before any state is written) are the extra 4. The
 per-kernel GB/s say how close each kernel is to the copy bandwidth; the step
@@ -32,7 +32,8 @@ as
     fused     backend="triton" on flat buffers (what SAMPa runs on CUDA)
     flat      backend="torch" on flat buffers (the reference backend)
     foreach   the same math over per-tensor lists with torch._foreach_* ops
-    loop      the published reference script's pattern (SPEC section 6): Python
+    loop      the published reference script's pattern (README,
+              'Differences from the official script'): Python
               loops over tensors, torch.cat of gradients, parameters moved
               there and back by add/sub, torch.optim.SGD (default settings)
               for the step; the two ranks' work and the all-reduce (a sum)
@@ -348,7 +349,7 @@ class ForeachStep:
 
 
 class LoopStep:
-    """SPEC section 6: the published script's per-parameter pattern, both
+    """README, 'Differences from the official script': the published script's per-parameter pattern, both
     ranks' work on one device, the all-reduce replaced by a sum."""
 
     def __init__(self, shapes, device):

@@ -1,4 +1,4 @@
-"""SAMPa and SAM: the algorithm of SPEC section 1, one step each.
+"""SAMPa and SAM: the algorithm of README.md's "Exactly what it computes", one step each.
 
 The elementwise work is the update layer's (`update/`), the gradient passes
 the engine's (`engines/`), the layout and `opt.state` the flat state's
@@ -61,7 +61,7 @@ class SAMPa(Sharpness):
         return self._end(out, batch)
 
     def _step(self, held, batch) -> StepOut:
-        """What one step queues on the device, in SPEC section 1's order."""
+        """What one step queues on the device, in the README algorithm's order."""
         reps = self.engine.replicas
         self.guard.save_buffers()
         # 1. xt = x + rho gy / (||gy|| + eps)  -> the model

@@ -22,6 +22,7 @@ from .state import FlatState
 from .statewatch import Watch, watched
 from .update import make_update, rule_for
 from .update.common import check_number
+from .wrapped import refuse_wrapped, resolved_engine
 from .ymodel import PrivateBuffers, swapped
 
 
@@ -59,6 +60,7 @@ class Sharpness(torch.optim.Optimizer):
         self._check_arguments(model, loss_fn, base_optimizer, nonfinite, grad_scaler, max_grad_norm,
                               accumulation_steps, adaptive, base_kwargs)
         self._check_rho_lam({"rho": rho, **self._defaults_extra()}, cls)
+        refuse_wrapped(model, resolved_engine(engine), cls)    # DDP, FSDP, Fabric: before any collective
         engine_options = {k: base_kwargs.pop(k) for k in ENGINE_OPTIONS if k in base_kwargs}
         if params is None:   # as torch.optim.SGD(model.parameters()): frozen ones too
             params = [p for p in model.parameters() if p.is_floating_point()]
@@ -361,6 +363,7 @@ class Sharpness(torch.optim.Optimizer):
 
     def _begin(self, batch, closure, extra):
         cls = type(self).__name__
+        batch, closure = _batch_from_wrapper(batch, closure)
         if extra:
             raise TypeError(f"{cls}.step() got unexpected arguments {sorted(extra)}")
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
@@ -379,10 +382,10 @@ class Sharpness(torch.optim.Optimizer):
                                 "= False) and call self.optimizers().step(batch=batch) in "
                                 "training_step")
             with torch.enable_grad():
-                closure()                     # trainers' closures: run, result ignored (SPEC 2)
+                closure()                     # trainers' closures: run, result ignored (README, Use)
         if batch is None:
             raise TypeError(f"{cls}.step(batch): pass the next batch; the optimizer calls "
-                            "loss_fn(model, batch) itself (closures are not used)")
+                            "loss_fn(model, batch) itself (closures are not used)" + _trainer_hint())
         if callable(batch) and not isinstance(batch, (torch.Tensor, nn.Module)) and \
                 not tree.tensors(batch):
             raise TypeError(f"{cls}.step(closure): the optimizer computes both gradients itself "
@@ -696,6 +699,23 @@ class _no_state:
     @staticmethod
     def state_names(hp) -> List[str]:
         return []
+
+
+def _batch_from_wrapper(batch, closure):
+    """Optimizer wrappers (Lightning Fabric's) pass step's one argument on as
+    `closure=`: opt.step(batch) arrives as step(closure=batch). A closure that
+    cannot be called is that batch."""
+    if batch is None and closure is not None and not callable(closure):
+        return closure, None
+    return batch, closure
+
+
+def _trainer_hint() -> str:
+    """A trainer that calls opt.step() with nothing, after its own backward."""
+    if "transformers.trainer" in sys.modules:
+        return (". Hugging Face Trainer: use sampa_fused.integrations.huggingface.SAMPaTrainer, "
+                "whose training_step calls opt.step(inputs)")
+    return ""
 
 
 def _refuse_accelerate_accumulation(cls: str) -> None:

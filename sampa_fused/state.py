@@ -2,7 +2,7 @@
 each replica, the base-optimizer state counts, and `opt.state` as torch
 shows it.
 
-Buffers of one (device, dtype) slab, per replica (SPEC sections 1 and 3):
+Buffers of one (device, dtype) slab, per replica (README, 'Exactly what it computes' and 'What a step moves'):
     x       the model's parameters (views): x between steps, xt in the x̃-pass
     x_save  x kept bit-exact while the model holds xt
     g       the model's gradients (views): gxt (SAM: the pass's gradient)

@@ -206,7 +206,7 @@ def test_bf16_params_against_fp32_reference():
 
 
 def test_rho0_lam0_is_the_base_optimizer():
-    """SPEC 1: rho = lam = 0 gives the base optimizer on b0, b0, b1, ..."""
+    """README, 'Exactly what it computes': rho = lam = 0 gives the base optimizer on b0, b0, b1, ..."""
     data = batches(4)
     model = fresh()
     opt = SAMPa(model, loss_fn, torch.optim.SGD, rho=0.0, lam=0.0, lr=0.1, momentum=0.9,

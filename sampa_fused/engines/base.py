@@ -7,7 +7,7 @@ its options, and implements:
   model (holding xt) on the held batch, its gradient into every replica's
   `g`, and the y-pass (y swapped into the model, or a replica elsewhere) on
   the new batch, its gradient into every replica's `gy_new`. The two are
-  independent (SPEC 1 step 3). Losses stay on the device.
+  independent (the README algorithm's step 3). Losses stay on the device.
 - `gradient(batch, which, private_buffers) -> PassResult`: one pass of the
   user's model into `g` (SAM), its buffer updates discarded when
   `private_buffers`.

@@ -1,4 +1,4 @@
-"""The peer engine: two CUDA devices in one process (SPEC section 4).
+"""The peer engine: two CUDA devices in one process (README, 'Engines').
 
     opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9,
                 engine="peer", devices=("cuda:0", "cuda:1"))

@@ -1,5 +1,5 @@
 """The streams engine: one CUDA device, the x̃-pass and the y-pass of a SAMPa
-step on two CUDA streams so that they overlap (SPEC section 4).
+step on two CUDA streams so that they overlap (README, 'Engines').
 
     SAMPa(model, loss_fn, torch.optim.SGD, engine="streams", lr=0.1, momentum=0.9)
     SAMPa(..., engine="streams", graph=True, warmup_steps=3)

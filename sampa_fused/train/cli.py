@@ -407,8 +407,18 @@ def _curves(runs: List[Dict]):
         t = np.array([[e["train_time"] for e in r["epochs"]] for r in rs])
         epochs = [e["epoch"] for e in rs[0]["epochs"]]
         std = acc.std(0, ddof=1) if len(rs) > 1 else np.zeros(acc.shape[1])
-        out[label] = (epochs, t.mean(0), acc.mean(0), std)
+        out[curve_label(label, rs[0])] = (epochs, t.mean(0), acc.mean(0), std)
     return out
+
+
+def curve_label(method: str, run: Dict) -> str:
+    """A curve's legend entry: the method and where it ran (methods of one
+    plot differ in engine, processes and threads, so no title can say it)."""
+    def n(count, what):
+        return f"{count} {what}{'' if count == 1 else 'es' if what.endswith('s') else 's'}"
+    where = [run["engine"] or "plain torch.optim"]
+    where += [n(run.get("processes") or 1, "process"), n(run.get("threads") or 1, "thread")]
+    return f"{method} ({', '.join(where)})"
 
 
 def plot_results(runs: List[Dict], out_dir: str, title: str) -> List[str]:
@@ -779,8 +789,7 @@ def run_experiment(args, log=print) -> Dict:
     if path:
         _write_json(path, results)
         title = (f"{data.name}, {args.model}, {args.label_noise:.0%} label noise, "
-                 f"{args.epochs} epochs, lr {args.lr:g}, rho {args.rho:g}, {args.engine} engine, "
-                 f"{device.type} x{torch.get_num_threads() if device.type == 'cpu' else 1}")
+                 f"{args.epochs} epochs, lr {args.lr:g}, rho {args.rho:g}, {device.type}")
         pngs = plot_results(runs, args.out, title)
         log("wrote " + ", ".join([path] + pngs))
     return results

@@ -3,7 +3,7 @@
 One module per base optimizer holds its math (`sgd.py`, `adamw.py`: host
 scalars, the torch reference, the Triton kernels); `generic.py` runs any
 other torch optimizer through its own `step()`; `common.py` holds what they
-share. This layer does the looping, so the optimizer reads as SPEC section 1:
+share. This layer does the looping, so the optimizer reads as the README's algorithm:
 
     sampa_pre    x_save <- x;  x <- xt = x + rho gy/(||gy|| + eps);  y <- peek(x, s, gy)
     check        losses and gradients finite, and ||gy_new||^2 (||g||^2 for SAM)
@@ -136,7 +136,7 @@ class Update:
 
     # ------------------------------------------------------------ SAMPa
     def sampa_pre(self, replicas) -> None:
-        """SPEC 1 steps 1-2 on every replica: x_save <- x, x <- xt, y <- peek."""
+        """README algorithm, steps 1-2 on every replica: x_save <- x, x <- xt, y <- peek."""
         norms = {}
         for rep in replicas:
             with _cuda.on_device(rep.logical):
@@ -197,7 +197,7 @@ class Update:
         return clip_coef(total.sqrt(), self.max_grad_norm)
 
     def sampa_post(self, replicas, checks, invs, inactive: Optional[FrozenSet[int]] = None) -> None:
-        """SPEC 1 steps 4-6 where the step is accepted (each replica's `ok`
+        """README algorithm, steps 4-6 where the step is accepted (each replica's `ok`
         flag is read on the device); a refused step only restores x."""
         self._post(replicas, checks, invs, inactive, mixing=True)
         for rep, (ok, sq) in zip(replicas, checks):

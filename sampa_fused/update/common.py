@@ -25,7 +25,7 @@ try:
 except ImportError:                       # the torch reference still runs
     triton = None
 
-EPS = 1e-12                               # in ||g|| + eps (SPEC 1)
+EPS = 1e-12                               # in ||g|| + eps (README algorithm)
 CLIP_EPS = 1e-6                           # in max_norm / (||g|| + eps), as clip_grad_norm_
 
 
@@ -65,7 +65,7 @@ def perturbation(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor, norm: torch.
 
 
 def mix(g: torch.Tensor, gy_new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """(1 - lam) g + lam gy_new (SPEC 1 step 4)."""
+    """(1 - lam) g + lam gy_new (README algorithm, step 4)."""
     return g * h[OML] + gy_new * h[LAM]
 
 
