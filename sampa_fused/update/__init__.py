@@ -5,11 +5,16 @@ scalars, the torch reference, the Triton kernels); `generic.py` runs any
 other torch optimizer through its own `step()`; `common.py` holds what they
 share. This layer does the looping, so the optimizer reads as SPEC section 1:
 
-    sampa_pre    x_save <- x;  x <- xt = x + rho gy/(||gy|| + eps);  y <- peek(x, s, gy)
+    sampa_pre    the pass buffers: xt = x + rho gy/(||gy|| + eps) and/or y = peek(x, s, gy)
     check        losses and gradients finite, and ||gy_new||^2 (||g||^2 for SAM)
-    sampa_post   where the step is accepted: x, s <- base_step(x_save, s, (1-lam) g + lam gy_new),
-                 gy <- gy_new; else x <- x_save (nothing else moves)
-    sam_save / sam_perturb / sam_post   the same for SAM's two sequential passes
+    sampa_post   where the step is accepted: x, s <- base_step(x, s, (1-lam) g + lam gy_new),
+                 gy <- gy_new; else nothing moves
+    sam_perturb / sam_post   the same for SAM's two sequential passes
+
+x is only read until the accepted step writes it. A replica whose engine
+runs the x̃-pass on the model itself (`in_place`, see state.BufferPlan)
+keeps x in x_save for the step: `save_x` before, the update works on
+x_save, and x gets it back after the post-gradient update.
 
 Every hyperparameter is read from the device table (`table.py`), every norm
 and flag from device memory: nothing here synchronises with the host.
@@ -131,28 +136,45 @@ class Update:
             return sq.sqrt()
         total = torch.zeros((), dtype=torch.float32, device=rep.device)
         for b in rep.slabs:
-            total += (upcast(b.x).float() * upcast(getattr(b, name)).float()).square().sum()
+            total += (upcast(rep.x_of(b)).float() * upcast(getattr(b, name)).float()).square().sum()
         return total.sqrt()
 
     # ------------------------------------------------------------ SAMPa
-    def sampa_pre(self, replicas) -> None:
-        """SPEC 1 steps 1-2 on every replica: x_save <- x, x <- xt, y <- peek."""
-        norms = {}
+    def save_x(self, replicas) -> None:
+        """x_save <- x on replicas whose x̃-pass writes xt into x (in place)."""
         for rep in replicas:
-            with _cuda.on_device(rep.logical):
-                norms[id(rep)] = self._norm(rep, "gy", rep.gy_sq)
-        for rep, b, run, sl, h, fl, state in self._each(replicas):
-            norm = norms[id(rep)]
+            if rep.in_place:
+                with _cuda.on_device(rep.logical):
+                    for b in rep.slabs:
+                        b.x_save.copy_(b.x)
+
+    def sampa_pre(self, replicas, points: Sequence[str] = ("xt", "y")) -> None:
+        """SPEC 1 steps 1-2 on every replica, into its pass buffers: xt <- x +
+        rho gy/(||gy|| + eps), y <- peek(x, s, gy), each where asked and held."""
+        todo = {}
+        for rep in replicas:
+            want = tuple(p for p in points if p in rep.points)
+            if rep.shared and len(want) > 1:
+                raise RuntimeError("sampa_pre: xt and y share one pass buffer on this replica; "
+                                   "form them one at a time (xt, the x̃-pass, then y)")
+            if want:
+                with _cuda.on_device(rep.logical):
+                    todo[id(rep)] = (want, self._norm(rep, "gy", rep.gy_sq) if "xt" in want else None)
+        for rep, b, run, sl, h, fl, state in self._each([r for r in replicas if id(r) in todo]):
+            want, norm = todo[id(rep)]
+            xt = b.xt[sl] if "xt" in want else None
+            y = b.y[sl] if "y" in want else None
+            x = rep.x_of(b)[sl]
             if rep.backend == "triton":
-                self.rule.triton_pre(b.x[sl], b.x_save[sl], b.y[sl], b.gy[sl], state, norm, h, fl,
-                                     self._cfg(rep), self.adaptive)
+                self.rule.triton_pre(x, xt, y, b.gy[sl], state, rep.gy_sq if norm is None else norm,
+                                     h, fl, self._cfg(rep), self.adaptive)
                 continue
-            x = b.x[sl]
-            b.x_save[sl].copy_(x)
             xf, gy = upcast(x), upcast(b.gy[sl])
-            y, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
-            b.y[sl].copy_(y)
-            x.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
+            if y is not None:
+                y_new, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
+                y.copy_(y_new)
+            if xt is not None:
+                xt.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
 
     def check(self, replicas, losses: Sequence[torch.Tensor], grads: Sequence[str],
               sq: Optional[str], invs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -211,13 +233,13 @@ class Update:
                 by_rep[id(rep)] = (ok, inv, self._clip(rep, inv, mixing, inactive))
         for rep, b, run, sl, h, fl, state in self._each(replicas, inactive):
             ok, inv, coef = by_rep[id(rep)]
+            xb = rep.x_of(b)
             if not run.active:              # no gradient in either pass: as torch, untouched
-                b.x[sl].copy_(b.x_save[sl])
                 if mixing:
                     b.gy[sl].copy_(torch.where(ok, unscaled(b.gy_new[sl], inv), upcast(b.gy[sl])))
                 continue
             if rep.backend == "triton":
-                self.rule.triton_post(b.x[sl], b.x_save[sl], b.g[sl], b.gy_new[sl] if mixing else None,
+                self.rule.triton_post(xb[sl], b.g[sl], b.gy_new[sl] if mixing else None,
                                       b.gy[sl] if mixing else None, state, inv, ok, coef, h, fl,
                                       self._cfg(rep))
                 continue
@@ -227,30 +249,28 @@ class Update:
                 g = mix(g, gy_new, h)
             if coef is not None:
                 g = g * coef
-            x_save = upcast(b.x_save[sl])
-            x_new, st_new = self.rule.step(x_save, g, {k: upcast(v) for k, v in state.items()}, h, fl)
-            b.x[sl].copy_(torch.where(ok, x_new, x_save))
+            x = upcast(xb[sl])
+            x_new, st_new = self.rule.step(x, g, {k: upcast(v) for k, v in state.items()}, h, fl)
+            xb[sl].copy_(torch.where(ok, x_new, x))
             for n, v in st_new.items():
                 state[n].copy_(torch.where(ok, v, upcast(state[n])))
             if mixing:
                 b.gy[sl].copy_(torch.where(ok, gy_new, upcast(b.gy[sl])))
+        self.restore_x(replicas)
 
     def restore_x(self, replicas) -> None:
-        """x <- x_save on every replica (a step that raised)."""
+        """x <- x_save on replicas whose x̃-pass wrote xt into x (after the
+        update, and for a step that raised); elsewhere x was never written."""
         for rep in replicas:
-            with _cuda.on_device(rep.logical):
-                for b in rep.slabs:
-                    b.x.copy_(b.x_save)
+            if rep.in_place:
+                with _cuda.on_device(rep.logical):
+                    for b in rep.slabs:
+                        b.x.copy_(b.x_save)
 
     # ------------------------------------------------------------ SAM
-    def sam_save(self, replicas) -> None:
-        for rep in replicas:
-            with _cuda.on_device(rep.logical):
-                for b in rep.slabs:
-                    b.x_save.copy_(b.x)
-
     def sam_perturb(self, replicas, checks, invs) -> None:
-        """x <- x + rho g / (||g|| + eps), ||g|| from the first pass's check."""
+        """The pass buffer xt <- x + rho g / (||g|| + eps), ||g|| from the
+        first pass's check."""
         norms = {}
         for rep, (_, sq), inv in zip(replicas, checks, invs):
             with _cuda.on_device(rep.logical):
@@ -258,19 +278,20 @@ class Update:
         inv_of = {id(rep): inv for rep, inv in zip(replicas, invs)}
         for rep, b, run, sl, h, fl, state in self._each(replicas):
             norm, inv = norms[id(rep)], inv_of[id(rep)]
+            x = rep.x_of(b)[sl]
             if rep.backend == "triton":
-                triton_perturb(b.x[sl], b.g[sl], norm, h, self._cfg(rep), inv, self.adaptive)
+                triton_perturb(x, b.xt[sl], b.g[sl], norm, h, self._cfg(rep), inv, self.adaptive)
                 continue
-            x, g = b.x[sl], unscaled(b.g[sl], inv)
+            g = unscaled(b.g[sl], inv)
             xf = upcast(x)
-            x.copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
+            b.xt[sl].copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
 
     def _norm_sam(self, rep, sq, inv):
         if not self.adaptive:
             return sq.sqrt()
         total = torch.zeros((), dtype=torch.float32, device=rep.device)
         for b in rep.slabs:
-            total += (upcast(b.x).float() * unscaled(b.g, inv).float()).square().sum()
+            total += (upcast(rep.x_of(b)).float() * unscaled(b.g, inv).float()).square().sum()
         return total.sqrt()
 
     def sam_post(self, replicas, checks, invs, inactive: Optional[FrozenSet[int]] = None) -> None:

@@ -78,7 +78,7 @@ def step(x: torch.Tensor, g: torch.Tensor, state: Dict[str, torch.Tensor], h: to
 if triton is not None:
     import triton.language as tl
 
-    from .common import post_gradient, store_pre
+    from .common import post_gradient, store_xt
 
     _DECAY, _W, _B2, _OMB2, _STEP, _BC2, _EPS = (tl.constexpr(v) for v in
                                                  (DECAY, W, B2, OMB2, STEP_SIZE, BC2, EPS_))
@@ -118,40 +118,43 @@ if triton is not None:
         return m, v, vmax
 
     @triton.jit
-    def adamw_pre_kernel(x_ptr, x_save_ptr, y_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, norm_ptr, hp_ptr,
-                         n, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+    def adamw_pre_kernel(x_ptr, xt_ptr, y_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, norm_ptr, hp_ptr,
+                         n, XT: tl.constexpr, Y: tl.constexpr, AMSGRAD: tl.constexpr,
+                         MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          LERP_SMALL: tl.constexpr, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
-        """x_save <- x; y <- peek(x, state, gy) (state untouched); x <- xt."""
+        """The pass buffers from x (only read): xt when XT, y <- peek(x,
+        state, gy) (state untouched) when Y."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x_raw = tl.load(x_ptr + offs, mask=mask)
-        x = x_raw.to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         gy = tl.load(gy_ptr + offs, mask=mask).to(tl.float32)
-        m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
-        y, _m, _v, _vmax = _adamw_math(x, gy, m, v, vmax, hp_ptr, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
-                                       LERP_SMALL)
-        store_pre(x_ptr, x_save_ptr, y_ptr, norm_ptr, hp_ptr, offs, mask, x_raw, x, gy, y, ADAPTIVE)
+        if XT:
+            store_xt(xt_ptr, norm_ptr, hp_ptr, offs, mask, x, gy, ADAPTIVE)
+        if Y:
+            m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
+            y, _m, _v, _vmax = _adamw_math(x, gy, m, v, vmax, hp_ptr, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
+                                           LERP_SMALL)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def adamw_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr,
+    def adamw_post_kernel(x_ptr, g_ptr, gy_new_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr,
                           inv_ptr, ok_ptr, coef_ptr, hp_ptr, n, MIX: tl.constexpr,
                           UNSCALE: tl.constexpr, CLIP: tl.constexpr, AMSGRAD: tl.constexpr,
                           MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, LERP_SMALL: tl.constexpr,
                           BLOCK: tl.constexpr):
-        """x, state <- step(x_save, state, g) [and gy <- gy_new] where the step
-        is accepted (*ok_ptr); else x <- x_save and nothing else is written."""
+        """x, state <- step(x, state, g) [and gy <- gy_new] where the step is
+        accepted (*ok_ptr); else nothing is written."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         ok = tl.load(ok_ptr) != 0
-        x_raw = tl.load(x_save_ptr + offs, mask=mask)
-        x = x_raw.to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         g = post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, coef_ptr, hp_ptr, offs, mask, ok,
                           MIX, UNSCALE, CLIP)
         m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
         x, m, v, vmax = _adamw_math(x, g, m, v, vmax, hp_ptr, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
                                     LERP_SMALL)
         upd = mask & ok
-        tl.store(x_ptr + offs, tl.where(ok, x.to(x_ptr.dtype.element_ty), x_raw), mask=mask)
+        tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=upd)
         tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=upd)
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=upd)
         if AMSGRAD:
@@ -171,16 +174,19 @@ def _meta(fl, cfg) -> dict:
                 BLOCK=cfg.block, num_warps=cfg.num_warps)
 
 
-def triton_pre(x, x_save, y, gy, state, norm, hp, fl, cfg, adaptive: bool = False) -> None:
+def triton_pre(x, xt, y, gy, state, norm, hp, fl, cfg, adaptive: bool = False) -> None:
+    """xt and/or y (None: not formed) from x, gy and the state."""
     norm = device_scalar(norm, "norm", x)
     n = x.numel()
-    if n:
+    if n and (xt is not None or y is not None):
         m, v, vmax = _moments(state, fl[0])
-        launch(adamw_pre_kernel, triton.cdiv(n, cfg.block), (x, x_save, y, gy, m, v, vmax, norm, hp, n),
-               dict(ADAPTIVE=adaptive, **_meta(fl, cfg)), writes=(0, 1, 2))
+        launch(adamw_pre_kernel, triton.cdiv(n, cfg.block),
+               (x, x if xt is None else xt, x if y is None else y, gy, m, v, vmax, norm, hp, n),
+               dict(XT=xt is not None, Y=y is not None, ADAPTIVE=adaptive, **_meta(fl, cfg)),
+               writes=tuple(i for i, t in ((1, xt), (2, y)) if t is not None))
 
 
-def triton_post(x, x_save, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
+def triton_post(x, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
     inv, coef = device_scalar(inv, "inv_scale", x), device_scalar(coef, "coef", x)
     ok = device_scalar(ok, "ok", x, torch.bool)
     n = x.numel()
@@ -188,7 +194,7 @@ def triton_post(x, x_save, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> 
         m, v, vmax = _moments(state, fl[0])
         mix = gy_new is not None
         launch(adamw_post_kernel, triton.cdiv(n, cfg.block),
-               (x, x_save, g, gy_new if mix else g, gy if mix else g, m, v, vmax,
+               (x, g, gy_new if mix else g, gy if mix else g, m, v, vmax,
                 g if inv is None else inv, ok, g if coef is None else coef, hp, n),
                dict(MIX=mix, UNSCALE=inv is not None, CLIP=coef is not None, **_meta(fl, cfg)),
-               writes=(0, 4, 5, 6, 7) if mix else (0, 5, 6, 7))
+               writes=(0, 3, 4, 5, 6) if mix else (0, 4, 5, 6))

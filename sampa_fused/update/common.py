@@ -176,18 +176,14 @@ if triton is not None:
     _OML = tl.constexpr(OML)
 
     @triton.jit
-    def store_pre(x_ptr, x_save_ptr, y_ptr, norm_ptr, hp_ptr, offs, mask, x_raw, x, gy, y,
-                  ADAPTIVE: tl.constexpr):
-        """The pre kernels' outputs: x_save <- x (bit-exact), the model's x <-
-        xt = x + rho gy / (||gy|| + eps) (adaptive: rho x^2 gy / (||x gy|| +
-        eps)) with the norm read from the device, never the host, and y <-
-        the peek."""
+    def store_xt(xt_ptr, norm_ptr, hp_ptr, offs, mask, x, gy, ADAPTIVE: tl.constexpr):
+        """The x̃ pass buffer <- xt = x + rho gy / (||gy|| + eps) (adaptive: rho
+        x^2 gy / (||x gy|| + eps)), the norm read from the device, never the
+        host. x itself is not written: the x̃-pass runs on the pass buffer."""
         scale = tl.div_rn(tl.load(hp_ptr + _RHO), tl.load(norm_ptr) + 1e-12)
         if ADAPTIVE:
             gy = gy * x * x
-        tl.store(x_save_ptr + offs, x_raw, mask=mask)
-        tl.store(x_ptr + offs, (x + scale * gy).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(xt_ptr + offs, (x + scale * gy).to(xt_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, coef_ptr, hp_ptr, offs, mask, ok,
@@ -215,10 +211,10 @@ if triton is not None:
         return g
 
     @triton.jit
-    def perturb_kernel(x_ptr, g_ptr, norm_ptr, inv_ptr, hp_ptr, n, UNSCALE: tl.constexpr,
+    def perturb_kernel(x_ptr, xt_ptr, g_ptr, norm_ptr, inv_ptr, hp_ptr, n, UNSCALE: tl.constexpr,
                        ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
-        """SAM: x <- x + rho g / (||g|| + eps) (adaptive: rho x^2 g / (||x g||
-        + eps)); x_save already holds x."""
+        """SAM: the pass buffer xt <- x + rho g / (||g|| + eps) (adaptive: rho
+        x^2 g / (||x g|| + eps)); x is only read."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
@@ -228,7 +224,7 @@ if triton is not None:
         if ADAPTIVE:
             g = g * x * x
         scale = tl.div_rn(tl.load(hp_ptr + _RHO), tl.load(norm_ptr) + 1e-12)
-        tl.store(x_ptr + offs, (x + scale * g).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(xt_ptr + offs, (x + scale * g).to(xt_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def check_partials_kernel(sq_ptr, a_ptr, b_ptr, parts_ptr, inv_ptr, n, slot, n_slots,
@@ -278,14 +274,14 @@ if triton is not None:
         tl.store(ok_out_ptr, ok)
 
 
-def triton_perturb(x, g, norm, hp, cfg: KernelConfig, inv=None, adaptive: bool = False) -> None:
+def triton_perturb(x, xt, g, norm, hp, cfg: KernelConfig, inv=None, adaptive: bool = False) -> None:
     norm, inv = device_scalar(norm, "norm", x), device_scalar(inv, "inv_scale", x)
     n = x.numel()
     if n:
         launch(perturb_kernel, triton.cdiv(n, cfg.block),
-               (x, g, norm, norm if inv is None else inv, hp, n),
+               (x, xt, g, norm, norm if inv is None else inv, hp, n),
                dict(UNSCALE=inv is not None, ADAPTIVE=adaptive, BLOCK=cfg.block,
-                    num_warps=cfg.num_warps), writes=(0,))
+                    num_warps=cfg.num_warps), writes=(1,))
 
 
 def require_triton(device: torch.device) -> None:
