@@ -161,3 +161,54 @@ def test_streams_and_peer_hold_what_each_replica_needs():
     ra, rb = o_p.engine.replicas
     assert storages(ra.slabs[0]) == [["g"], ["gy"], ["gy_new"], ["state.momentum_buffer"], ["x"], ["xt"]]
     assert storages(rb.slabs[0]) == [["g"], ["gy"], ["gy_new"], ["state.momentum_buffer"], ["x"], ["y"]]
+
+
+@pytest.mark.parametrize("method", [SAMPa, SAM])
+def test_refused_step_on_cpu_writes_nothing(method):
+    """On a CPU replica the accept-or-refuse decision is a host branch: a
+    refused step does not write x, the state or gy at all."""
+    torch.manual_seed(0)
+    kw = dict(lam=0.3) if method is SAMPa else {}
+    opt = method(Net(), ce, torch.optim.SGD, rho=0.1, engine="serial", nonfinite="skip", **kw, **SGD)
+    data = batches(3)
+    opt.step(data[0])
+    opt.step(data[1])
+    (b,) = opt.flat.primary.slabs
+    kept = [b.x] + list(b.state.values()) + ([b.gy] if method is SAMPa else [])
+    versions = [t._version for t in kept]
+    opt.loss_fn = lambda m, batch: ce(m, batch) * float("nan")
+    opt.step(data[2])
+    assert opt.skipped_steps == 1
+    assert [t._version for t in kept] == versions
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_lean_check_matches_torch_check(dtype, scaled):
+    """One reduction per buffer (min/max, a dot product) decides as the
+    elementwise check does, and sums the same squares."""
+    import types
+
+    from sampa_fused.update.common import lean_check, torch_check
+    g = torch.Generator().manual_seed(5)
+    slabs = [types.SimpleNamespace(g=torch.randn(n, generator=g).to(dtype),
+                                   gy_new=torch.randn(n, generator=g).to(dtype)) for n in (1031, 7, 1)]
+    inv = torch.tensor(1 / 1536.0) if scaled else None
+    loss = torch.tensor(0.7)
+    for grads, sq in [(("g", "gy_new"), "gy_new"), (("g",), "g"), (("g",), None)]:
+        ok, total = lean_check(slabs, (loss,), grads, sq, inv, "cpu")
+        ok_r, total_r = torch_check(slabs, (loss,), grads, sq, inv, "cpu")
+        assert bool(ok) and bool(ok_r)
+        torch.testing.assert_close(total, total_r, rtol=1e-5, atol=0)
+    for name, i, value in [("g", 1030, float("nan")), ("g", 0, float("-inf")), ("gy_new", 3, float("inf")),
+                           ("gy_new", 0, float("nan"))]:
+        t = getattr(slabs[0 if i else 2], name)
+        old = t[i].item()
+        t[i] = value
+        for grads, sq in [(("g", "gy_new"), "gy_new"), (("g",), "gy_new"), (("g",), None)]:
+            checked = name in grads or name == sq
+            assert bool(torch_check(slabs, (), grads, sq, inv, "cpu")[0]) is not checked
+            assert bool(lean_check(slabs, (), grads, sq, inv, "cpu")[0]) is not checked, (name, value, grads)
+        t[i] = old
+    assert not bool(lean_check(slabs, (torch.tensor(float("nan")),), ("g",), "gy_new", inv, "cpu")[0])

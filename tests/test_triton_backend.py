@@ -327,8 +327,15 @@ def all_buffers(b):
     return out
 
 
-def assert_bufs_close(bt, br, rtol=1e-5, atol=1e-6):
+# The torch backend's post-gradient update works in a pass buffer (free once
+# the passes are done); the kernels need none.
+PASS_SCRATCH = ("xt",)
+
+
+def assert_bufs_close(bt, br, rtol=1e-5, atol=1e-6, skip=()):
     for (name, t), r in zip(all_buffers(bt).items(), all_buffers(br).values()):
+        if name in skip:
+            continue
         torch.testing.assert_close(t.float(), r.float(), rtol=rtol, atol=atol, equal_nan=True,
                                    msg=lambda m: f"{name}: {m}")
 
@@ -372,14 +379,14 @@ def test_kernels_match_torch_backend(rule_name, hp, step, config):
     assert_bufs_close(kt.b, kr.b)
     for k in (kt, kr):
         k.post(step, 0.25)
-    assert_bufs_close(kt.b, kr.b)
+    assert_bufs_close(kt.b, kr.b, skip=PASS_SCRATCH)
     assert torch.equal(kt.b.gy, kt.b.gy_new)                  # the commit is a bit-exact copy
     for k in (kt, kr):
         k.perturb(0.07, norm)
     assert_bufs_close(kt.b, kr.b)
     for k in (kt, kr):
         k.sam_post(step + 1)
-    assert_bufs_close(kt.b, kr.b)
+    assert_bufs_close(kt.b, kr.b, skip=PASS_SCRATCH)
 
 
 @pytest.mark.parametrize("rule_name,hp", [("sgd", sgd_hp(nesterov=True)), ("adamw", adamw_hp(amsgrad=True))],
@@ -433,7 +440,7 @@ def test_kernels_multi_program_default_blocks():
     for k in (kt, kr):
         k.pre(4, 0.1, norm)
         k.post(4, 0.6)
-    assert_bufs_close(kt.b, kr.b)
+    assert_bufs_close(kt.b, kr.b, skip=PASS_SCRATCH)
     ok, sq = kt.check((), ("g", "gy_new"), "gy_new")
     ok_r, sq_r = kr.check((), ("g", "gy_new"), "gy_new")
     assert bool(ok) and bool(ok_r)
@@ -450,7 +457,7 @@ def test_kernels_low_precision(dtype):
             k.pre(2, 0.2, norm)
             k.post(2, 0.2)
         eps = torch.finfo(dtype).eps
-        assert_bufs_close(kt.b, kr.b, rtol=2 * eps, atol=2 * eps)
+        assert_bufs_close(kt.b, kr.b, rtol=2 * eps, atol=2 * eps, skip=PASS_SCRATCH)
         assert kt.b.x.dtype == dtype and all(v.dtype == dtype for v in kt.b.state.values())
         ok, sq = kt.check((), ("g", "gy_new"), "gy_new")
         _, sq_r = kr.check((), ("g", "gy_new"), "gy_new")
@@ -591,7 +598,7 @@ def test_unscaled_kernels_match_torch_backend(rule_name, hp, step, dtype):
         g0, gy_new0 = kt.b.g.clone(), kt.b.gy_new.clone()
         for kit in (kt, kr):
             kit.post(step, lam, inv=inv)
-        assert_bufs_close(kt.b, kr.b, **tol)
+        assert_bufs_close(kt.b, kr.b, **tol, skip=PASS_SCRATCH)
         # The scaled buffers are left as they are; the commit is gy_new / scale
         # rounded once to the buffer dtype, as in the torch backend (bit-exact
         # but for the interpreter's fp32 -> bf16 cast, which truncates).
@@ -605,7 +612,7 @@ def test_unscaled_kernels_match_torch_backend(rule_name, hp, step, dtype):
     assert_bufs_close(kt.b, kr.b, **tol)
     for kit in (kt, kr):
         kit.sam_post(step + 1, inv=inv)
-    assert_bufs_close(kt.b, kr.b, **tol)
+    assert_bufs_close(kt.b, kr.b, **tol, skip=PASS_SCRATCH)
 
 
 def test_unit_inv_scale_is_the_unscaled_path():

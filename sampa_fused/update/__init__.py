@@ -31,15 +31,17 @@ from .common import (
     EPS,
     clip_coef,
     default_config,
+    lean_check,
     mix,
+    perturb_into,
     perturbation,
     require_triton,
-    torch_check,
     triton,
     triton_check,
     triton_perturb,
     unscaled,
     upcast,
+    wide,
 )
 from .table import LAM, OML, RHO
 
@@ -169,12 +171,18 @@ class Update:
                 self.rule.triton_pre(x, xt, y, b.gy[sl], state, rep.gy_sq if norm is None else norm,
                                      h, fl, self._cfg(rep), self.adaptive)
                 continue
-            xf, gy = upcast(x), upcast(b.gy[sl])
+            if not wide(b.dtype):            # 16-bit buffers: fp32 math on copies
+                xf, gy = upcast(x), upcast(b.gy[sl])
+                if y is not None:
+                    y_new, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
+                    y.copy_(y_new)
+                if xt is not None:
+                    xt.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
+                continue
             if y is not None:
-                y_new, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
-                y.copy_(y_new)
+                self.rule.peek_(y, x, b.gy[sl], state, h, fl, self._first(rep, run))
             if xt is not None:
-                xt.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
+                perturb_into(xt, x, b.gy[sl], None, h, norm, self.adaptive)
 
     def check(self, replicas, losses: Sequence[torch.Tensor], grads: Sequence[str],
               sq: Optional[str], invs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -186,7 +194,7 @@ class Update:
                 if rep.backend == "triton":
                     out.append(triton_check(rep.slabs, losses, grads, sq, inv, rep.device, self._cfg(rep)))
                 else:
-                    out.append(torch_check(rep.slabs, losses, grads, sq, inv, rep.device))
+                    out.append(lean_check(rep.slabs, losses, grads, sq, inv, rep.device))
         return out
 
     def flags(self, rep, loss_ok: torch.Tensor, checks) -> torch.Tensor:
@@ -221,42 +229,110 @@ class Update:
     def sampa_post(self, replicas, checks, invs, inactive: Optional[FrozenSet[int]] = None) -> None:
         """SPEC 1 steps 4-6 where the step is accepted (each replica's `ok`
         flag is read on the device); a refused step only restores x."""
-        self._post(replicas, checks, invs, inactive, mixing=True)
-        for rep, (ok, sq) in zip(replicas, checks):
+        oks = self._post(replicas, checks, invs, inactive, mixing=True)
+        for rep, (ok, sq), host_ok in zip(replicas, checks, oks):
             with _cuda.on_device(rep.logical):
-                rep.gy_sq.copy_(torch.where(ok, sq, rep.gy_sq))
+                if host_ok is None:
+                    rep.gy_sq.copy_(torch.where(ok, sq, rep.gy_sq))
+                elif host_ok:
+                    rep.gy_sq.copy_(sq)
 
-    def _post(self, replicas, checks, invs, inactive, mixing: bool) -> None:
-        by_rep = {}
+    def _post(self, replicas, checks, invs, inactive, mixing: bool) -> list:
+        """Per replica: True/False where the step was accepted or refused on
+        the host (a CPU replica: its flag costs nothing to read, and a refused
+        step then writes nothing), None where the kernels read it on the device."""
+        by_rep, oks = {}, []
         for rep, (ok, _), inv in zip(replicas, checks, invs):
             with _cuda.on_device(rep.logical):
-                by_rep[id(rep)] = (ok, inv, self._clip(rep, inv, mixing, inactive))
-        for rep, b, run, sl, h, fl, state in self._each(replicas, inactive):
-            ok, inv, coef = by_rep[id(rep)]
+                host_ok = bool(ok) if rep.logical.type == "cpu" else None
+                coef = self._clip(rep, inv, mixing, inactive) if host_ok is not False else None
+                by_rep[id(rep)] = (ok, inv, coef, host_ok)
+                oks.append(host_ok)
+        for rep, b, run, sl, h, fl, state in self._each([r for r, o in zip(replicas, oks) if o is not False],
+                                                         inactive):
+            ok, inv, coef, host_ok = by_rep[id(rep)]
             xb = rep.x_of(b)
-            if not run.active:              # no gradient in either pass: as torch, untouched
-                if mixing:
-                    b.gy[sl].copy_(torch.where(ok, unscaled(b.gy_new[sl], inv), upcast(b.gy[sl])))
-                continue
             if rep.backend == "triton":
+                if not run.active:          # no gradient in either pass: as torch, untouched
+                    if mixing:
+                        b.gy[sl].copy_(torch.where(ok, unscaled(b.gy_new[sl], inv), upcast(b.gy[sl])))
+                    continue
                 self.rule.triton_post(xb[sl], b.g[sl], b.gy_new[sl] if mixing else None,
                                       b.gy[sl] if mixing else None, state, inv, ok, coef, h, fl,
                                       self._cfg(rep))
-                continue
-            g = unscaled(b.g[sl], inv)
-            if mixing:
-                gy_new = unscaled(b.gy_new[sl], inv)
-                g = mix(g, gy_new, h)
-            if coef is not None:
-                g = g * coef
-            x = upcast(xb[sl])
-            x_new, st_new = self.rule.step(x, g, {k: upcast(v) for k, v in state.items()}, h, fl)
-            xb[sl].copy_(torch.where(ok, x_new, x))
-            for n, v in st_new.items():
-                state[n].copy_(torch.where(ok, v, upcast(state[n])))
-            if mixing:
-                b.gy[sl].copy_(torch.where(ok, gy_new, upcast(b.gy[sl])))
+            elif wide(b.dtype):
+                self._post_run(rep, b, run, sl, h, fl, state, ok, inv, coef, host_ok, mixing)
+            else:
+                self._post_run_16(b, run, sl, xb, h, fl, state, ok, inv, coef, mixing)
         self.restore_x(replicas)
+        return oks
+
+    def _scratch(self, b) -> torch.Tensor:
+        """A pass buffer, free once the passes are done: the post-gradient
+        update's working buffer (an in-place replica's xt is x itself, which
+        gets x_save back afterwards)."""
+        return b.xt if "xt" in b.names else b.y
+
+    def _first(self, rep, run) -> Optional[bool]:
+        """Whether the run's state starts now, known on the host for a CPU
+        replica; None: read from the row on the device (a CUDA graph replays
+        whatever the counts are then)."""
+        return self.flat.rows[run.row][1] == 0 if rep.logical.type == "cpu" else None
+
+    def _post_run(self, rep, b, run, sl, h, fl, state, ok, inv, coef, host_ok, mixing) -> None:
+        """fp32/fp64 buffers, in place: on the host's say-so (host_ok True), or
+        on copies committed with the device flag (host_ok None), the same ops
+        either way, so both give the same bits."""
+        gy = b.gy[sl] if mixing else None
+        gu = None                                   # gy_{t+1}, unscaled: what gy commits to
+        if mixing:
+            gu = b.gy_new[sl]
+            if host_ok:
+                gu = torch.mul(gu, inv, out=gy) if inv is not None else gy.copy_(gu)
+            elif inv is not None:
+                gu = gu * inv
+        if not run.active:                          # no gradient in either pass: as torch, untouched
+            if mixing and host_ok is None:
+                gy.copy_(torch.where(ok, gu, gy))
+            return
+        d, scratch = b.g[sl], self._scratch(b)[sl]
+        if inv is not None:
+            d = torch.mul(d, inv, out=scratch)
+        if mixing:                                  # (1 - lam) g + lam gy_{t+1}
+            d = torch.mul(d, h[OML], out=scratch).addcmul_(gu, h[LAM])
+        if coef is not None:
+            d = torch.mul(d, coef, out=scratch)
+        x = rep.x_of(b)[sl]
+        if host_ok:
+            self.rule.apply_(x, d, scratch, state, h, fl, self._first(rep, run))
+            return
+        xn, sn = x.clone(), {k: v.clone() for k, v in state.items()}
+        self.rule.apply_(xn, d, scratch, sn, h, fl, None)
+        torch.where(ok, xn, x, out=x)
+        for k, v in sn.items():
+            torch.where(ok, v, state[k], out=state[k])
+        if mixing:
+            torch.where(ok, gu, gy, out=gy)
+
+    def _post_run_16(self, b, run, sl, xb, h, fl, state, ok, inv, coef, mixing) -> None:
+        """16-bit buffers: fp32 math on copies, committed with the flag."""
+        if not run.active:
+            if mixing:
+                b.gy[sl].copy_(torch.where(ok, unscaled(b.gy_new[sl], inv), upcast(b.gy[sl])))
+            return
+        g = unscaled(b.g[sl], inv)
+        if mixing:
+            gy_new = unscaled(b.gy_new[sl], inv)
+            g = mix(g, gy_new, h)
+        if coef is not None:
+            g = g * coef
+        x = upcast(xb[sl])
+        x_new, st_new = self.rule.step(x, g, {k: upcast(v) for k, v in state.items()}, h, fl)
+        xb[sl].copy_(torch.where(ok, x_new, x))
+        for n, v in st_new.items():
+            state[n].copy_(torch.where(ok, v, upcast(state[n])))
+        if mixing:
+            b.gy[sl].copy_(torch.where(ok, gy_new, upcast(b.gy[sl])))
 
     def restore_x(self, replicas) -> None:
         """x <- x_save on replicas whose x̃-pass wrote xt into x (after the
@@ -282,9 +358,11 @@ class Update:
             if rep.backend == "triton":
                 triton_perturb(x, b.xt[sl], b.g[sl], norm, h, self._cfg(rep), inv, self.adaptive)
                 continue
-            g = unscaled(b.g[sl], inv)
-            xf = upcast(x)
-            b.xt[sl].copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
+            if not wide(b.dtype):
+                g, xf = unscaled(b.g[sl], inv), upcast(x)
+                b.xt[sl].copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
+                continue
+            perturb_into(b.xt[sl], x, b.g[sl], inv, h, norm, self.adaptive)
 
     def _norm_sam(self, rep, sq, inv):
         if not self.adaptive:

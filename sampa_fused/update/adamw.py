@@ -74,6 +74,49 @@ def step(x: torch.Tensor, g: torch.Tensor, state: Dict[str, torch.Tensor], h: to
     return x - h[STEP_SIZE] * (m / denom), new
 
 
+def _direction_(m: torch.Tensor, v: torch.Tensor, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """out <- m / (sqrt(v) / sqrt(1 - b2^t) + eps) (out may be v's scratch copy)."""
+    torch.sqrt(v, out=out)
+    out.div_(h[BC2]).add_(h[EPS_])
+    return torch.div(m, out, out=out)
+
+
+def peek_(y: torch.Tensor, x: torch.Tensor, gy: torch.Tensor, state: Dict[str, torch.Tensor],
+          h: torch.Tensor, fl: Tuple[bool, ...], first=None) -> None:
+    """y <- the step from (x, state) with gradient gy, written into y (the
+    state is only read; one temporary for the second moment)."""
+    amsgrad, maximize, weight_decay, _ = fl
+    g = torch.neg(gy) if maximize else gy
+    torch.lerp(state["exp_avg"], g, h[W], out=y)                       # m'
+    v = torch.mul(g, g).mul_(h[OMB2]).addcmul_(state["exp_avg_sq"], h[B2])   # v'
+    if amsgrad:
+        torch.maximum(state["max_exp_avg_sq"], v, out=v)
+    _direction_(y, v, v, h)
+    if weight_decay:
+        torch.mul(x, h[DECAY], out=y)
+        y.addcmul_(v, h[STEP_SIZE], value=-1)
+    else:
+        torch.addcmul(x, v, h[STEP_SIZE], value=-1, out=y)
+
+
+def apply_(x: torch.Tensor, g: torch.Tensor, scratch: torch.Tensor, state: Dict[str, torch.Tensor],
+           h: torch.Tensor, fl: Tuple[bool, ...], first=None) -> None:
+    """x, state <- one step with gradient g, in place (g is only read;
+    `scratch`, a buffer of g's size, may be g itself)."""
+    amsgrad, maximize, weight_decay, _ = fl
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    d = torch.neg(g, out=scratch) if maximize else g
+    if weight_decay:
+        x.mul_(h[DECAY])
+    m.lerp_(d, h[W])
+    sq = torch.mul(d, d, out=scratch)
+    v.mul_(h[B2]).addcmul_(sq, h[OMB2])
+    if amsgrad:
+        torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+        v = state["max_exp_avg_sq"]
+    x.addcmul_(_direction_(m, v, scratch, h), h[STEP_SIZE], value=-1)
+
+
 # ------------------------------------------------------------------ Triton
 if triton is not None:
     import triton.language as tl

@@ -59,6 +59,55 @@ def check_number(group: dict, key: str, where: str, value=None) -> float:
     return float(v)
 
 
+def wide(dtype: torch.dtype) -> bool:
+    """fp32 or fp64: the torch backend computes in the buffer's own dtype, in place."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def perturb_into(xt: torch.Tensor, x: torch.Tensor, g: torch.Tensor, inv: Optional[torch.Tensor],
+                 h: torch.Tensor, norm: torch.Tensor, adaptive: bool) -> None:
+    """xt <- x + rho g / (||g|| + eps) (adaptive: rho x^2 g / ...), g divided
+    by the loss scale when `inv`: written into xt, no temporary."""
+    scale = h[RHO] / (norm + EPS)
+    if inv is None and not adaptive:
+        torch.addcmul(x, g, scale, out=xt)
+        return
+    torch.mul(g, inv, out=xt) if inv is not None else xt.copy_(g)
+    if adaptive:
+        xt.mul_(x).mul_(x)
+    xt.mul_(scale).add_(x)
+
+
+def lean_check(slabs: Sequence, losses: Sequence[torch.Tensor], grads: Sequence[str],
+               sq: Optional[str], inv: Optional[torch.Tensor], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """torch_check in one reduction per buffer and no full-size temporary:
+    finiteness from the buffer's min and max (NaN propagates), the sum of
+    squares as a dot product (its own finiteness checks the squared buffer).
+    16-bit buffers and unscaling (a GradScaler) take torch_check's way."""
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for loss in losses:
+        ok &= torch.isfinite(loss.detach()).reshape(()).to(device, non_blocking=True)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for b in slabs:
+        for name in grads:
+            t = getattr(b, name)
+            if name == sq or t.numel() == 0:
+                continue
+            if wide(t.dtype):
+                lo, hi = torch.aminmax(t)
+                ok &= torch.isfinite(lo) & torch.isfinite(hi)
+            else:
+                ok &= torch.isfinite(t).all()
+        if sq is not None:
+            t = getattr(b, sq)
+            if inv is None and wide(t.dtype) and t.numel():
+                total += torch.dot(t, t).float()
+            else:
+                total += unscaled(t, inv).float().square().sum()
+    ok &= torch.isfinite(total)
+    return ok, total
+
+
 def perturbation(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """x + rho g / (||g|| + eps), rho from the row `h`, ||g|| on the device."""
     return upcast(x) + (h[RHO] / (norm + EPS)) * g

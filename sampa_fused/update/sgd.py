@@ -10,7 +10,7 @@ The op order follows torch.optim.SGD's single-tensor step:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -70,6 +70,55 @@ def step(x: torch.Tensor, g: torch.Tensor, state: Dict[str, torch.Tensor], h: to
         new["momentum_buffer"] = buf
         g = g + h[MU] * buf if nesterov else buf
     return x - h[LR] * g, new
+
+
+def peek_(y: torch.Tensor, x: torch.Tensor, gy: torch.Tensor, state: Dict[str, torch.Tensor],
+          h: torch.Tensor, fl: Tuple[bool, ...], first: Optional[bool]) -> None:
+    """y <- the step from (x, state) with gradient gy, written into y (the
+    state is only read); every tensor in the compute dtype. `first`: whether
+    the momentum buffer starts now, known on the host (None: read from the
+    row, for a CUDA graph; the same bits)."""
+    momentum, nesterov, weight_decay, maximize = fl
+    torch.neg(gy, out=y) if maximize else y.copy_(gy)
+    if weight_decay:
+        y.addcmul_(x, h[WD])                                   # g' = g + wd x
+    if momentum:
+        buf = state["momentum_buffer"]
+        gp = y.clone() if nesterov else None
+        # buf' = mu buf + (1 - dampening) g', or g' on the first step
+        if first is None:                                      # the row decides, on the device
+            new = y.clone()
+            new.mul_(h[DAMP1]).addcmul_(buf, h[MU])
+            torch.where(h[FIRST] != 0, y, new, out=y)
+        elif not first:
+            y.mul_(h[DAMP1]).addcmul_(buf, h[MU])
+        if nesterov:
+            torch.addcmul(gp, y, h[MU], out=y)                 # g' + mu buf'
+    y.mul_(h[LR])
+    torch.sub(x, y, out=y)                                     # x - lr dir
+
+
+def apply_(x: torch.Tensor, g: torch.Tensor, scratch: torch.Tensor, state: Dict[str, torch.Tensor],
+           h: torch.Tensor, fl: Tuple[bool, ...], first: Optional[bool]) -> None:
+    """x, state <- one step with gradient g, in place (g is only read;
+    `scratch`, a buffer of g's size, may be g itself)."""
+    momentum, nesterov, weight_decay, maximize = fl
+    d = g
+    if maximize:
+        d = torch.neg(g, out=scratch)
+    if weight_decay:
+        d = torch.addcmul(d, x, h[WD], out=scratch)            # g' = g + wd x
+    if momentum:
+        buf = state["momentum_buffer"]
+        if first is None:                                      # the row decides, on the device
+            new = buf.mul(h[MU]).addcmul_(d, h[DAMP1])
+            torch.where(h[FIRST] != 0, d, new, out=buf)
+        elif first:
+            buf.copy_(d)
+        else:
+            buf.mul_(h[MU]).addcmul_(d, h[DAMP1])
+        d = torch.addcmul(d, buf, h[MU], out=scratch) if nesterov else buf
+    x.addcmul_(d, h[LR], value=-1)                             # x - lr dir
 
 
 # ------------------------------------------------------------------ Triton
