@@ -23,7 +23,9 @@ Optimizers (SGD momentum 0.9, lr 0.01; rho 0.05, lam 0.2):
                   recipe's zero_grad between the passes
     sam-<engine>  our SAM on that engine
     sampa-<engine> our SAMPa on that engine
-Engines: those that run on this machine's CPU (serial).
+Engines: those that run on this machine's CPU: serial, and distributed with
+2 ranks (gloo, one process each; every rank measured, the process group
+set up before the baseline).
 
     python bench/bench_memory.py                       # the table, JSON into bench/results
     python bench/bench_memory.py --params 2e6 --out /tmp/m.json   # a quick run
@@ -42,7 +44,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results" / "cpu-memory.json"
-CONFIGS = ("torch-sgd", "davda54-sam", "sam-serial", "sampa-serial")
+CONFIGS = ("torch-sgd", "davda54-sam", "sam-serial", "sampa-serial", "sam-distributed",
+           "sampa-distributed")
+DISTRIBUTED_RANKS = 2            # gloo on 127.0.0.1, one process per rank
 LR, MOMENTUM, RHO, LAM, BATCH = 0.01, 0.9, 0.05, 0.2, 8
 MMAP_THRESHOLD = "131072"
 
@@ -125,6 +129,10 @@ def child(name: str, n_params: float, steps: int) -> dict:
         return F.cross_entropy(m(b[0]), b[1])
 
     # one-time costs, outside the baseline
+    if name.endswith("distributed"):
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        dist.barrier()
     loss_fn(model, batches[0]).backward()
     for p in model.parameters():
         p.grad = None
@@ -166,6 +174,8 @@ def child(name: str, n_params: float, steps: int) -> dict:
     _reset_peak()
     step(batches[steps])
     peak = _status("VmHWM")
+    if name.endswith("distributed"):
+        name = f"{name} rank {opt.engine.rank} ({opt.engine.role})"
     return dict(name=name, params=P, baseline_bytes=base, steady_bytes=steady - base,
                 peak_bytes=peak - base, steady_per_param=(steady - base) / P,
                 peak_per_param=(peak - base) / P)
@@ -177,13 +187,29 @@ def run(configs, n_params: float, steps: int) -> list:
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rows = []
     for name in configs:
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", name,
-                              "--params", str(n_params), "--steps", str(steps)],
-                             env=env, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        argv = [sys.executable, str(Path(__file__).resolve()), "--child", name,
+                "--params", str(n_params), "--steps", str(steps)]
+        if not name.endswith("distributed"):
+            procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        else:
+            port = _free_port()
+            procs = [subprocess.Popen(argv, env=dict(env, RANK=str(r), WORLD_SIZE=str(DISTRIBUTED_RANKS),
+                                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for r in range(DISTRIBUTED_RANKS)]
+        outs = [p.communicate() for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            if p.returncode != 0:
+                raise RuntimeError(f"{name} failed:\n{err[-3000:]}")
+            rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def table(rows) -> str:
