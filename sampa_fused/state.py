@@ -35,6 +35,7 @@ from torch import nn
 from . import _cuda
 from .flat import Slab, build_slabs
 from .update import backend_for
+from .update.ops import family
 from .update.table import HyperTable
 
 
@@ -143,6 +144,7 @@ class Replica:
         pin = device.type == "cuda"
         self.tables = {d: HyperTable(device, d, pin) for d in {compute_dtype(s.dtype) for s in layout.slabs}}
         self.backend = backend_for(backend, device, [s.dtype for s in layout.slabs])
+        self.ops = family(self.backend)                       # the update's registered ops, chosen once
 
     def _apply_plan(self, plan: Optional[BufferPlan], generic: bool) -> None:
         if plan is None:          # the names say it all (kernel tests, benchmarks)

@@ -16,8 +16,13 @@ runs the x̃-pass on the model itself (`in_place`, see state.BufferPlan)
 keeps x in x_save for the step: `save_x` before, the update works on
 x_save, and x gets it back after the post-gradient update.
 
-Every hyperparameter is read from the device table (`table.py`), every norm
-and flag from device memory: nothing here synchronises with the host.
+Each stage is a registered op (`ops.py`); a replica holds its family of
+ops (`rep.ops`: the torch implementation or the Triton kernels, chosen once
+by its backend), so nothing here branches on the backend. Every
+hyperparameter is read from the device table (`table.py`), every norm and
+flag from device memory: nothing here synchronises with a device. A CPU
+replica decides accept-or-refuse on the host (reading a CPU flag costs
+nothing): a refused step then runs no post-gradient op at all.
 """
 from __future__ import annotations
 
@@ -27,22 +32,8 @@ import torch
 
 from .. import _cuda
 from . import adamw, sgd
-from .common import (
-    EPS,
-    clip_coef,
-    default_config,
-    lean_check,
-    mix,
-    perturb_into,
-    perturbation,
-    require_triton,
-    triton,
-    triton_check,
-    triton_perturb,
-    unscaled,
-    upcast,
-    wide,
-)
+from .common import EPS, clip_coef, default_config, mix, require_triton, triton, unscaled, upcast
+from .ops import config_list
 from .table import LAM, OML, RHO
 
 RULES = {torch.optim.SGD: sgd, torch.optim.AdamW: adamw}
@@ -112,11 +103,12 @@ class Update:
         return self.rule.state_names(self._hps[group])
 
     # ------------------------------------------------------------ helpers
-    def _cfg(self, rep):
+    def _cfg(self, rep) -> List[int]:
+        """The Triton launch shape of `rep`'s device, as the ops take it."""
         cfg = self._cfgs.get(rep.device)
         if cfg is None:
             cfg = self._cfgs[rep.device] = default_config(rep.device)
-        return cfg
+        return config_list(cfg)
 
     def _each(self, replicas, inactive: Optional[FrozenSet[int]] = None):
         """(replica, slab buffers, run, its row, its group's flags and state views)."""
@@ -164,25 +156,10 @@ class Update:
                     todo[id(rep)] = (want, self._norm(rep, "gy", rep.gy_sq) if "xt" in want else None)
         for rep, b, run, sl, h, fl, state in self._each([r for r in replicas if id(r) in todo]):
             want, norm = todo[id(rep)]
-            xt = b.xt[sl] if "xt" in want else None
-            y = b.y[sl] if "y" in want else None
-            x = rep.x_of(b)[sl]
-            if rep.backend == "triton":
-                self.rule.triton_pre(x, xt, y, b.gy[sl], state, rep.gy_sq if norm is None else norm,
-                                     h, fl, self._cfg(rep), self.adaptive)
-                continue
-            if not wide(b.dtype):            # 16-bit buffers: fp32 math on copies
-                xf, gy = upcast(x), upcast(b.gy[sl])
-                if y is not None:
-                    y_new, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
-                    y.copy_(y_new)
-                if xt is not None:
-                    xt.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
-                continue
-            if y is not None:
-                self.rule.peek_(y, x, b.gy[sl], state, h, fl, self._first(rep, run))
-            if xt is not None:
-                perturb_into(xt, x, b.gy[sl], None, h, norm, self.adaptive)
+            rep.ops.pre[self.rule.NAME](
+                rep.x_of(b)[sl], b.xt[sl] if "xt" in want else None, b.y[sl] if "y" in want else None,
+                b.gy[sl], list(state.values()), rep.gy_sq if norm is None else norm, h, list(fl),
+                self._first(rep, run), self.adaptive, self._cfg(rep))
 
     def check(self, replicas, losses: Sequence[torch.Tensor], grads: Sequence[str],
               sq: Optional[str], invs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -191,10 +168,9 @@ class Update:
         for rep, inv in zip(replicas, invs):
             with _cuda.on_device(rep.logical):
                 losses = [_cuda.to_device(loss.detach(), rep.logical) for loss in losses]
-                if rep.backend == "triton":
-                    out.append(triton_check(rep.slabs, losses, grads, sq, inv, rep.device, self._cfg(rep)))
-                else:
-                    out.append(lean_check(rep.slabs, losses, grads, sq, inv, rep.device))
+                squared = [getattr(b, sq) for b in rep.slabs] if sq is not None else []
+                checked = [getattr(b, n) for b in rep.slabs for n in grads if n != sq]
+                out.append(rep.ops.check(squared, checked, losses, inv, len(rep.slabs), self._cfg(rep)))
         return out
 
     def flags(self, rep, loss_ok: torch.Tensor, checks) -> torch.Tensor:
@@ -238,101 +214,36 @@ class Update:
                     rep.gy_sq.copy_(sq)
 
     def _post(self, replicas, checks, invs, inactive, mixing: bool) -> list:
-        """Per replica: True/False where the step was accepted or refused on
-        the host (a CPU replica: its flag costs nothing to read, and a refused
-        step then writes nothing), None where the kernels read it on the device."""
+        """Per replica: True/False where the host decided (a CPU replica: a
+        refused step runs no op), None where the ops read the device flag."""
         by_rep, oks = {}, []
         for rep, (ok, _), inv in zip(replicas, checks, invs):
             with _cuda.on_device(rep.logical):
                 host_ok = bool(ok) if rep.logical.type == "cpu" else None
                 coef = self._clip(rep, inv, mixing, inactive) if host_ok is not False else None
-                by_rep[id(rep)] = (ok, inv, coef, host_ok)
+                by_rep[id(rep)] = (ok, inv, coef, -1 if host_ok is None else int(host_ok))
                 oks.append(host_ok)
-        for rep, b, run, sl, h, fl, state in self._each([r for r, o in zip(replicas, oks) if o is not False],
-                                                         inactive):
+        stepping = [r for r, o in zip(replicas, oks) if o is not False]
+        for rep, b, run, sl, h, fl, state in self._each(stepping, inactive):
             ok, inv, coef, host_ok = by_rep[id(rep)]
-            xb = rep.x_of(b)
-            if rep.backend == "triton":
-                if not run.active:          # no gradient in either pass: as torch, untouched
-                    if mixing:
-                        b.gy[sl].copy_(torch.where(ok, unscaled(b.gy_new[sl], inv), upcast(b.gy[sl])))
-                    continue
-                self.rule.triton_post(xb[sl], b.g[sl], b.gy_new[sl] if mixing else None,
-                                      b.gy[sl] if mixing else None, state, inv, ok, coef, h, fl,
-                                      self._cfg(rep))
-            elif wide(b.dtype):
-                self._post_run(rep, b, run, sl, h, fl, state, ok, inv, coef, host_ok, mixing)
-            else:
-                self._post_run_16(b, run, sl, xb, h, fl, state, ok, inv, coef, mixing)
+            rep.ops.post[self.rule.NAME](
+                rep.x_of(b)[sl], b.g[sl], b.gy_new[sl] if mixing else None, b.gy[sl] if mixing else None,
+                list(state.values()), self._scratch(b)[sl], inv, ok, coef, h, list(fl),
+                self._first(rep, run), host_ok, run.active, self._cfg(rep))
         self.restore_x(replicas)
         return oks
 
     def _scratch(self, b) -> torch.Tensor:
-        """A pass buffer, free once the passes are done: the post-gradient
-        update's working buffer (an in-place replica's xt is x itself, which
-        gets x_save back afterwards)."""
+        """A pass buffer, free once the passes are done: the torch ops'
+        working buffer in the post-gradient update (an in-place replica's xt
+        is x itself, which gets x_save back afterwards)."""
         return b.xt if "xt" in b.names else b.y
 
-    def _first(self, rep, run) -> Optional[bool]:
-        """Whether the run's state starts now, known on the host for a CPU
-        replica; None: read from the row on the device (a CUDA graph replays
-        whatever the counts are then)."""
-        return self.flat.rows[run.row][1] == 0 if rep.logical.type == "cpu" else None
-
-    def _post_run(self, rep, b, run, sl, h, fl, state, ok, inv, coef, host_ok, mixing) -> None:
-        """fp32/fp64 buffers, in place: on the host's say-so (host_ok True), or
-        on copies committed with the device flag (host_ok None), the same ops
-        either way, so both give the same bits."""
-        gy = b.gy[sl] if mixing else None
-        gu = None                                   # gy_{t+1}, unscaled: what gy commits to
-        if mixing:
-            gu = b.gy_new[sl]
-            if host_ok:
-                gu = torch.mul(gu, inv, out=gy) if inv is not None else gy.copy_(gu)
-            elif inv is not None:
-                gu = gu * inv
-        if not run.active:                          # no gradient in either pass: as torch, untouched
-            if mixing and host_ok is None:
-                gy.copy_(torch.where(ok, gu, gy))
-            return
-        d, scratch = b.g[sl], self._scratch(b)[sl]
-        if inv is not None:
-            d = torch.mul(d, inv, out=scratch)
-        if mixing:                                  # (1 - lam) g + lam gy_{t+1}
-            d = torch.mul(d, h[OML], out=scratch).addcmul_(gu, h[LAM])
-        if coef is not None:
-            d = torch.mul(d, coef, out=scratch)
-        x = rep.x_of(b)[sl]
-        if host_ok:
-            self.rule.apply_(x, d, scratch, state, h, fl, self._first(rep, run))
-            return
-        xn, sn = x.clone(), {k: v.clone() for k, v in state.items()}
-        self.rule.apply_(xn, d, scratch, sn, h, fl, None)
-        torch.where(ok, xn, x, out=x)
-        for k, v in sn.items():
-            torch.where(ok, v, state[k], out=state[k])
-        if mixing:
-            torch.where(ok, gu, gy, out=gy)
-
-    def _post_run_16(self, b, run, sl, xb, h, fl, state, ok, inv, coef, mixing) -> None:
-        """16-bit buffers: fp32 math on copies, committed with the flag."""
-        if not run.active:
-            if mixing:
-                b.gy[sl].copy_(torch.where(ok, unscaled(b.gy_new[sl], inv), upcast(b.gy[sl])))
-            return
-        g = unscaled(b.g[sl], inv)
-        if mixing:
-            gy_new = unscaled(b.gy_new[sl], inv)
-            g = mix(g, gy_new, h)
-        if coef is not None:
-            g = g * coef
-        x = upcast(xb[sl])
-        x_new, st_new = self.rule.step(x, g, {k: upcast(v) for k, v in state.items()}, h, fl)
-        xb[sl].copy_(torch.where(ok, x_new, x))
-        for n, v in st_new.items():
-            state[n].copy_(torch.where(ok, v, upcast(state[n])))
-        if mixing:
-            b.gy[sl].copy_(torch.where(ok, gy_new, upcast(b.gy[sl])))
+    def _first(self, rep, run) -> int:
+        """1/0: whether the run's state starts now, known on the host for a
+        CPU replica; -1: read from the row on the device (a CUDA graph
+        replays whatever the counts are then)."""
+        return int(self.flat.rows[run.row][1] == 0) if rep.logical.type == "cpu" else -1
 
     def restore_x(self, replicas) -> None:
         """x <- x_save on replicas whose x̃-pass wrote xt into x (after the
@@ -354,15 +265,7 @@ class Update:
         inv_of = {id(rep): inv for rep, inv in zip(replicas, invs)}
         for rep, b, run, sl, h, fl, state in self._each(replicas):
             norm, inv = norms[id(rep)], inv_of[id(rep)]
-            x = rep.x_of(b)[sl]
-            if rep.backend == "triton":
-                triton_perturb(x, b.xt[sl], b.g[sl], norm, h, self._cfg(rep), inv, self.adaptive)
-                continue
-            if not wide(b.dtype):
-                g, xf = unscaled(b.g[sl], inv), upcast(x)
-                b.xt[sl].copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
-                continue
-            perturb_into(b.xt[sl], x, b.g[sl], inv, h, norm, self.adaptive)
+            rep.ops.perturb(rep.x_of(b)[sl], b.xt[sl], b.g[sl], norm, inv, h, self.adaptive, self._cfg(rep))
 
     def _norm_sam(self, rep, sq, inv):
         if not self.adaptive:

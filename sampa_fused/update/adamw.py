@@ -39,6 +39,11 @@ def state_names(hp: dict) -> List[str]:
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
 
 
+def state_order(fl: Tuple[bool, ...]) -> List[str]:
+    """The state buffers an op gets, in order, for these flags."""
+    return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if fl[0] else [])
+
+
 def uses_state(hp: dict) -> bool:
     return True
 
@@ -225,8 +230,7 @@ def triton_pre(x, xt, y, gy, state, norm, hp, fl, cfg, adaptive: bool = False) -
         m, v, vmax = _moments(state, fl[0])
         launch(adamw_pre_kernel, triton.cdiv(n, cfg.block),
                (x, x if xt is None else xt, x if y is None else y, gy, m, v, vmax, norm, hp, n),
-               dict(XT=xt is not None, Y=y is not None, ADAPTIVE=adaptive, **_meta(fl, cfg)),
-               writes=tuple(i for i, t in ((1, xt), (2, y)) if t is not None))
+               dict(XT=xt is not None, Y=y is not None, ADAPTIVE=adaptive, **_meta(fl, cfg)))
 
 
 def triton_post(x, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
@@ -239,5 +243,4 @@ def triton_post(x, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
         launch(adamw_post_kernel, triton.cdiv(n, cfg.block),
                (x, g, gy_new if mix else g, gy if mix else g, m, v, vmax,
                 g if inv is None else inv, ok, g if coef is None else coef, hp, n),
-               dict(MIX=mix, UNSCALE=inv is not None, CLIP=coef is not None, **_meta(fl, cfg)),
-               writes=(0, 3, 4, 5, 6) if mix else (0, 4, 5, 6))
+               dict(MIX=mix, UNSCALE=inv is not None, CLIP=coef is not None, **_meta(fl, cfg)))

@@ -213,9 +213,10 @@ def device_scalar(t, what: str, like, dtype=torch.float32):
     return t
 
 
-def launch(kernel, n_programs: int, args: tuple, meta: dict, writes: Sequence[int]) -> None:
-    """Every Triton launch goes through the CUDA runtime seam (see _cuda)."""
-    _cuda.launch(kernel, (n_programs,), args, meta, writes)
+def launch(kernel, n_programs: int, args: tuple, meta: dict) -> None:
+    """Every Triton launch goes through the CUDA runtime seam (see _cuda),
+    from inside a registered op (ops.py) whose schema says what it writes."""
+    _cuda.launch(kernel, (n_programs,), args, meta)
 
 
 if triton is not None:
@@ -330,7 +331,7 @@ def triton_perturb(x, xt, g, norm, hp, cfg: KernelConfig, inv=None, adaptive: bo
         launch(perturb_kernel, triton.cdiv(n, cfg.block),
                (x, xt, g, norm, norm if inv is None else inv, hp, n),
                dict(UNSCALE=inv is not None, ADAPTIVE=adaptive, BLOCK=cfg.block,
-                    num_warps=cfg.num_warps), writes=(1,))
+                    num_warps=cfg.num_warps))
 
 
 def require_triton(device: torch.device) -> None:
@@ -400,15 +401,14 @@ def triton_check(slabs: Sequence, losses: Sequence[torch.Tensor], grads: Sequenc
         launch(check_partials_kernel, nprog,
                (first, a, b, parts, inv if unscale else parts, n, slot, n_slots),
                dict(SQ=s is not None, UNSCALE=unscale, N_CHECK=len(chunk), BLOCK=cfg.reduce_block,
-                    ITERS=cfg.reduce_iters, num_warps=cfg.reduce_warps), writes=(3,))
+                    ITERS=cfg.reduce_iters, num_warps=cfg.reduce_warps))
     sq_out = torch.empty((), dtype=torch.float32, device=device)
     ok_out = torch.empty((), dtype=torch.bool, device=device)
     ls = [loss.detach().reshape(()).to(device, non_blocking=True) for loss in losses]
     l0 = ls[0] if len(ls) > 0 else sq_out
     l1 = ls[1] if len(ls) > 1 else l0
     launch(check_final_kernel, 1, (parts, n_slots, l0, l1, sq_out, ok_out),
-           dict(N_LOSS=min(len(ls), 2), BLOCK=cfg.final_block, num_warps=cfg.final_warps),
-           writes=(4, 5))
+           dict(N_LOSS=min(len(ls), 2), BLOCK=cfg.final_block, num_warps=cfg.final_warps))
     if len(ls) > 2:   # not used by the optimizer (at most two losses a check)
         ok_out = ok_out & torch.isfinite(torch.stack([v.double() for v in ls[2:]])).all()
     return ok_out, sq_out

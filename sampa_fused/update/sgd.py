@@ -36,6 +36,11 @@ def state_names(hp: dict) -> List[str]:
     return ["momentum_buffer"] if hp["momentum"] != 0 else []
 
 
+def state_order(fl: Tuple[bool, ...]) -> List[str]:
+    """The state buffers an op gets, in order, for these flags."""
+    return ["momentum_buffer"] if fl[0] else []
+
+
 def uses_state(hp: dict) -> bool:
     """Whether a step counts for the state (the first momentum step starts the buffer)."""
     return hp["momentum"] != 0
@@ -198,8 +203,7 @@ def triton_pre(x, xt, y, gy, state, norm, hp, fl, cfg, adaptive: bool = False) -
                (x, x if xt is None else xt, x if y is None else y, gy, buf, norm, hp, n),
                dict(XT=xt is not None, Y=y is not None, MOMENTUM=fl[0], NESTEROV=fl[1],
                     WEIGHT_DECAY=fl[2], MAXIMIZE=fl[3], ADAPTIVE=adaptive, BLOCK=cfg.block,
-                    num_warps=cfg.num_warps),
-               writes=tuple(i for i, t in ((1, xt), (2, y)) if t is not None))
+                    num_warps=cfg.num_warps))
 
 
 def triton_post(x, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
@@ -214,5 +218,4 @@ def triton_post(x, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
                 g if inv is None else inv, ok, g if coef is None else coef, hp, n),
                dict(MIX=mix, UNSCALE=inv is not None, CLIP=coef is not None, MOMENTUM=fl[0],
                     NESTEROV=fl[1], WEIGHT_DECAY=fl[2], MAXIMIZE=fl[3], BLOCK=cfg.block,
-                    num_warps=cfg.num_warps),
-               writes=(0, 3, 4) if mix else (0, 4))
+                    num_warps=cfg.num_warps))
