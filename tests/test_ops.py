@@ -114,3 +114,22 @@ def test_families_agree():
     (ok_t, sq_t), (ok_r, sq_r) = ops.family("torch").check(*c), ops.family("triton").check(*c)
     assert bool(ok_t) and bool(ok_r)
     torch.testing.assert_close(sq_t, sq_r, rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_opcheck_on_cuda(fam):
+    """The same ops on CUDA tensors (the Triton family's real kernels)."""
+    def cuda(args):
+        return tuple([t.cuda() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                     else (a.cuda() if isinstance(a, torch.Tensor) else a) for a in args)
+    f = ops.family(fam)
+    cfg = ops.config_list(KernelConfig())
+    for name, rule, hp in CASES:
+        torch.library.opcheck(f.pre[name], cuda(pre_args(rule, hp))[:-1] + (cfg,))
+        for kw in (dict(), dict(ok=False), dict(inv=torch.tensor(0.5), coef=torch.tensor(0.7))):
+            torch.library.opcheck(f.post[name], cuda(post_args(rule, hp, **kw))[:-1] + (cfg,))
+    torch.library.opcheck(f.perturb, cuda((rnd(0), torch.zeros(N), rnd(1), torch.tensor(1.7), None,
+                                           row(sgd, SGD_HP), True)) + (cfg,))
+    torch.library.opcheck(f.check, cuda(([rnd(2)], [rnd(4)], [torch.tensor(1.0)], None)) + (1, cfg))
