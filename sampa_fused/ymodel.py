@@ -135,8 +135,24 @@ class YPass:
         for leaf, g in zip(self.leaves, self._grads):
             if leaf.grad is not g:         # something dropped or replaced it: rebind
                 leaf.grad = g
-        with swapped(self._slots, self.buffers.slots() if self.buffers is not None else ()):
-            yield self.model
+        hooks = _forward_tensor_hooks(self.params, self.leaves) if self.every else ()
+        try:
+            with swapped(self._slots, self.buffers.slots() if self.buffers is not None else ()):
+                yield self.model
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def _forward_tensor_hooks(params, leaves) -> list:
+    """The parameters' tensor hooks (p.register_hook) on the leaves that
+    stand in for them for one pass (the x̃-pass ran on the parameters
+    themselves before it had a pass buffer); the handles to remove after."""
+    handles = []
+    for p, leaf in zip(params, leaves):
+        if p._backward_hooks:
+            handles += [leaf.register_hook(h) for h in p._backward_hooks.values()]
+    return handles
 
 
 class ModelReplica:

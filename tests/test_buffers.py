@@ -212,3 +212,23 @@ def test_lean_check_matches_torch_check(dtype, scaled):
             assert bool(lean_check(slabs, (), grads, sq, inv, "cpu")[0]) is not checked, (name, value, grads)
         t[i] = old
     assert not bool(lean_check(slabs, (torch.tensor(float("nan")),), ("g",), "gy_new", inv, "cpu")[0])
+
+
+@pytest.mark.parametrize("method", [SAMPa, SAM])
+def test_tensor_hooks_apply_to_the_passes_on_the_pass_buffer(method):
+    """A gradient hook on a parameter masks its gradient in the x̃-pass (and
+    SAM's perturbed pass) as it did when those passes ran on the parameters:
+    with plain SGD and lam = 0 the masked entries never move."""
+    torch.manual_seed(0)
+    model = Net()
+    mask = torch.ones_like(model.fc1.weight)
+    mask[:5] = 0
+    model.fc1.weight.register_hook(lambda g: g * mask)
+    kw = dict(lam=0.0) if method is SAMPa else {}
+    opt = method(model, ce, torch.optim.SGD, rho=0.1, lr=0.1, engine="serial", **kw)
+    before = model.fc1.weight.detach().clone()
+    for b in batches(4):
+        opt.step(b)
+    after = model.fc1.weight.detach()
+    assert torch.equal(after[:5], before[:5])
+    assert not torch.equal(after[5:], before[5:])
