@@ -8,22 +8,23 @@ import contextlib
 import numbers
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from . import checkpoint, context, tree
-from .engines import ENGINE_OPTIONS, make_engine
+from .engines import ENGINE_OPTIONS, engine_class, make_engine
 from .guard import NONFINITE_MODES, Progress, StepGuard
 from .passes import PassRunner
 from .saving import CompactStateDict
-from .state import FlatState
+from .state import LEGACY_PLAN, FlatState
 from .statewatch import Watch, watched
 from .update import make_update, rule_for
 from .update.common import check_number
-from .wrapped import refuse_wrapped, resolved_engine
-from .ymodel import PrivateBuffers, swapped
+from .wrapped import reduces_own_parameters, refuse_wrapped, resolved_engine
+from .ymodel import PrivateBuffers, YPass, swapped
 
 
 @dataclass
@@ -103,8 +104,13 @@ class Sharpness(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._group_hyper(group, f"{cls} param group {gi}")
         params, groups, names = self._param_list()
+        # The engine says which pass buffers it needs before they are laid out.
+        engine_cls = engine_class(engine, SimpleNamespace(method=cls, params=params,
+                                                          fused=self._rule is not None))
+        plan = LEGACY_PLAN if reduces_own_parameters(model) else engine_cls.buffer_plan(cls)
         self.flat = FlatState(params, groups, names, self._buffer_names,
-                              self._rule if self._rule is not None else _no_state, backend)
+                              self._rule if self._rule is not None else _no_state, backend,
+                              plan=plan, generic=self._rule is None)
         self.update = make_update(base, self.flat, adaptive, self.max_grad_norm)
         self._flags = self._grad_flags()
         self._step_tensors: Dict[int, torch.Tensor] = {}
@@ -112,7 +118,7 @@ class Sharpness(torch.optim.Optimizer):
         self._compact = CompactStateDict(self, model)
         self._ctx = context.build(self)
         self._after_layout()
-        self.engine = make_engine(engine, self._ctx, **engine_options)
+        self.engine = make_engine(engine_cls, self._ctx, **engine_options)
         if not self.update.fused and len(self.engine.replicas) > 1:
             raise ValueError(f"{cls}: the {self.engine.name} engine keeps replicas of the optimizer "
                              "state and needs torch.optim.SGD or torch.optim.AdamW as base optimizer, "
@@ -236,7 +242,28 @@ class Sharpness(torch.optim.Optimizer):
         return owners
 
     def _bind_method(self) -> None:
-        pass
+        """The xt leaves over the pass buffer (again after a relayout); none
+        where the engine runs the x̃-pass on the model's own parameters."""
+        rep = self.flat.primary
+        if rep.in_place or "xt" not in rep.points:
+            self._xpoint = None
+            return
+        if getattr(self, "_xpoint", None) is None:
+            self._xpoint = YPass(self.model, self.flat.layout.params, None, every=True)
+        else:
+            self._xpoint.params = list(self.flat.layout.params)
+        self._xpoint.bind(rep.slabs, "xt", "g")
+
+    def _set_buffer_plan(self, plan) -> None:
+        """The optimizer's replica by another plan (an engine narrowing it to
+        its role, in its constructor)."""
+        self.flat.replan(plan)
+        self._bind_method()
+
+    def _form(self, points) -> None:
+        """xt and/or y into the pass buffers of every replica (engines call
+        this before the pass that reads them)."""
+        self.update.sampa_pre(self.engine.replicas, points)
 
     def _ensure_layout(self) -> None:
         """Per step: follow what the user did to the parameters since the last
@@ -541,6 +568,16 @@ class Sharpness(torch.optim.Optimizer):
 
     def _y_pass(self):
         raise NotImplementedError(f"{type(self).__name__} has no y-pass")
+
+    def _x_pass(self):
+        """The user's model with the xt leaves swapped in (its own buffers)."""
+        if self._xpoint is None:
+            raise RuntimeError(f"{type(self).__name__}: the {self.engine.name} engine runs the "
+                               "x̃-pass on the model's own parameters (no xt pass buffer)")
+        return self._xpoint.swapped_in()
+
+    def _x_leaves(self):
+        return self._xpoint.current() if self._xpoint is not None else []
 
     def _y_leaves(self):
         raise NotImplementedError(f"{type(self).__name__} has no y-pass")

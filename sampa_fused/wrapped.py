@@ -71,3 +71,11 @@ def resolved_engine(engine: str) -> str:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return "distributed"
     return engine
+
+
+def reduces_own_parameters(model: nn.Module) -> bool:
+    """A DDP wrapper averages the gradients of the module's own parameters
+    only: a pass run on pass buffers swapped into the module would escape it,
+    so such a model's passes must run on its parameters (the in-place plan)."""
+    found = describe(model)
+    return found is not None and found[1]

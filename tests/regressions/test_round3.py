@@ -521,7 +521,9 @@ def test_numpy_scalars_and_0dim_tensors_are_hyperparameters(case):
 def test_adamw_betas_as_tensors_and_numpy_scalars_in_a_group():
     a, b = twins()
     opt = SAMPa(a, ce, torch.optim.AdamW, backend="torch", lr=1e-2, betas=(torch.tensor(0.9), torch.tensor(0.99)))
-    ref = SAMPa(b, ce, torch.optim.AdamW, backend="torch", lr=1e-2, betas=(0.9, 0.99))
+    # the same numbers: a float32 tensor's 0.9 is not the float 0.9
+    ref = SAMPa(b, ce, torch.optim.AdamW, backend="torch", lr=1e-2,
+                betas=(_as_float(torch.tensor(0.9)), _as_float(torch.tensor(0.99))))
     for batch in batches(3):
         assert torch.equal(opt.step(batch), ref.step(batch))
     opt.param_groups[0]["betas"] = (np.float32(0.5), np.float32(0.9))     # edited between steps
