@@ -64,16 +64,31 @@ def test_every_test_file_runs_in_one_stage_or_is_left_to_ci_with_a_reason(tmp_pa
     assert st["tests-kernels"].files[0] == "tests/test_triton_backend.py"
     assert set(st["tests-engines"].files) == {"tests/test_streams_engine.py", "tests/test_peer_engine.py"}
     assert st["tests-gpu"].files[0] == "tests/test_training_loop.py"
-    assert {"tests/test_gpu_paths.py", "tests/test_extension.py"} <= set(st["tests-gpu"].files)
+    assert "tests/test_extension.py" in st["tests-gpu"].files
     assert st["tests-engines"].env["TORCH_CUDA_SANITIZER"] == "1"
     assert "TORCH_CUDA_SANITIZER" not in st["tests-gpu"].env
     # the CPU harness is CI's
     for f in ("tests/test_gpu_check.py", "tests/test_comm_bench.py", "tests/test_fake_cuda.py",
-              "tests/test_core.py", "bench/test_bench_step.py"):
+              "tests/test_gpu_paths.py", "tests/test_core.py", "bench/test_bench_step.py"):
         assert f in ci, f
     for s in st.values():
         if s.kind == "tests":        # the files are what pytest is given
             assert [a for a in s.argv if a in s.files] == s.files
+
+
+def test_cpu_only_tests_of_gpu_files_are_deselected_and_exist(tmp_path):
+    """CI_ONLY_TESTS: each names tests that exist (pytest ignores a --deselect
+    that matches nothing), and the stage of its file deselects it."""
+    st = _stages(tmp_path)
+    files = sorted({t.split("::")[0] for t in gc.CI_ONLY_TESTS})
+    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        *files], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"})
+    ids = [ln for ln in p.stdout.splitlines() if "::" in ln]
+    for t, why in gc.CI_ONLY_TESTS.items():
+        assert why and any(i == t or i.startswith(t + "[") for i in ids), t
+        stage, = [s for s in st.values() if t.split("::")[0] in s.files]
+        assert stage.argv[stage.argv.index(t) - 1] == "--deselect"
 
 
 def test_new_files_are_planned_by_what_they_touch(tmp_path):
