@@ -330,7 +330,7 @@ def test_nproc_under_torchrun_is_refused(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--nproc", "2", "--ops", "broadcast", "-r", "2"], "-r/--root 2 is not a rank of this 2-rank run"),
+    ([*CPU, "--nproc", "2", "--ops", "broadcast", "-r", "2"], "-r/--root 2 is not a rank of this 2-rank run"),
     (["--ops", "sendrecv"], "sendrecv needs at least 2 ranks"),
 ])
 def test_world_errors_are_refused_before_any_rank_starts(argv, message, capsys):
