@@ -1,12 +1,21 @@
 #!/usr/bin/env python3
 """The Python side of scripts/gpu-check.sh: one prepared check of the project
-on a GPU machine (rebuild, every test, the quick benchmarks), at most 9
-minutes of wall time, ending with one summary.
+on a GPU machine (rebuild, the GPU-relevant tests, the quick benchmarks), at
+most 9 minutes of wall time, ending with one summary.
 
     bash scripts/gpu-check.sh [OUTDIR]             # checks for CUDA, then `run`
+    python scripts/gpu_check.py rehearse OUTDIR    # the check on CPU, CUDA stood in for
+    python scripts/gpu_check.py plan OUTDIR        # the rehearsal's short form (CI)
     python scripts/gpu_check.py stages [OUTDIR]    # the stage list with its timeouts; runs nothing
     python scripts/gpu_check.py summarize OUTDIR   # summary.json / summary.txt again from OUTDIR
     python scripts/gpu_check.py run [OUTDIR]       # the check itself (gpu-check.sh calls this)
+
+A rehearsal sets SAMPA_GPU_CHECK_REHEARSE=1, TRITON_INTERPRET=1 and puts
+scripts/rehearse/ first on PYTHONPATH: its sitecustomize.py makes torch
+report one CUDA device in every process, its pytest plugin turns a test's
+use of the real GPU into a skip that says so, and the summary counts what
+still fails as environment failures; a stage that stops on the real GPU
+(a benchmark) shows as "gpu-only".
 
 Every stage runs under `timeout` (SIGTERM to its whole process group, SIGKILL
 GRACE_S later), and the stages together under BUDGET_S: a hang costs its
