@@ -713,10 +713,18 @@ def run_experiment(args, log=print) -> Dict:
     if len({m["label"] for m in methods}) != len(methods):
         raise SystemExit(f"sampa-train: a method is listed twice in {specs}")
     for m in methods:
-        if m["processes"] > 1 and (device.type != "cpu" or "RANK" in os.environ):
+        if m["processes"] > 1 and "RANK" in os.environ:
             raise SystemExit(f"sampa-train: {m['label']}: @Np / --nproc launch CPU ranks (gloo) from one "
-                             "process; on GPUs or under torchrun, launch with torchrun and --engine "
-                             "distributed instead")
+                             "process, not under torchrun; there, give --engine distributed instead")
+        if m["processes"] > 1 and device.type != "cpu":
+            # One line, before anything runs: --device auto picks CUDA where it
+            # is present, and the ranks launched here are CPU processes.
+            raise SystemExit(f"sampa-train: {m['label']}: @Np / --nproc launch CPU ranks (gloo), and "
+                             f"this run's device is {device}"
+                             + (" (--device auto picks CUDA where present)" if args.device == "auto"
+                                else "")
+                             + "; add --device cpu to run them as CPU processes, or on GPUs launch "
+                             "with torchrun and --engine distributed")
         if m["processes"] > 1 and m["kind"] == "sampa" and m["processes"] % 2:
             raise SystemExit(f"sampa-train: {m['label']}: SAMPa needs an even number of processes")
     seeds = [args.seed] if args.mode == "run" else args.seeds
