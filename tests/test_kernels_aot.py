@@ -60,7 +60,7 @@ RECORD = textwrap.dedent('''
     variants, scenario = {}, [None]
     real = _cuda.launch
 
-    def record(kernel, grid, args, meta, writes):
+    def record(kernel, grid, args, meta, *rest):
         fn = getattr(kernel, "fn", kernel)
         names = list(inspect.signature(fn).parameters)
         consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
@@ -82,7 +82,7 @@ RECORD = textwrap.dedent('''
                  num_warps=meta.get("num_warps", 4), aligned=sorted(aligned))
         key = json.dumps(v, sort_keys=True)
         variants.setdefault(key, dict(v, scenarios=[]))["scenarios"].append(scenario[0])
-        return real(kernel, grid, args, meta, writes)
+        return real(kernel, grid, args, meta, *rest)
     _cuda.launch = record
 
     class Net(nn.Module):          # odd sizes: the flat buffers pad them to alignment
