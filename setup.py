@@ -98,7 +98,9 @@ setup(
     install_requires=["torch>=2.3"],
     extras_require={"train": ["numpy", "tqdm", "matplotlib", "scikit-learn"],
                     "bench": ["numpy", "matplotlib", "pytest-benchmark", "tqdm"],
-                    "test": ["pytest", "pytest-benchmark"]},
+                    "test": ["pytest", "pytest-benchmark"],
+                    # sampa_fused.integrations.huggingface (SAMPaTrainer)
+                    "huggingface": ["transformers"]},
     entry_points={"console_scripts": ["sampa-train = sampa_fused.train:main"]},
     zip_safe=False,
     **extension_setup(mode),

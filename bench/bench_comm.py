@@ -191,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated among {', '.join(ALL_OPS)}, or `all` "
                     "(default all_reduce)")
     # launch
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="cpu: every rank and the engine step on CPU, as on a machine without "
+                    "CUDA (gloo; several local ranks on a one-GPU machine); cuda: refuse to run "
+                    "without CUDA; auto (default): cuda where present")
     ap.add_argument("--backend", choices=("nccl", "gloo"), default=None,
                     help="nccl (CUDA tensors) or gloo (CPU tensors); default nccl where CUDA is "
-                    "present, else gloo")
+                    "used (--device), else gloo")
     ap.add_argument("--nproc", type=_int_in(1, None, "--nproc"), default=None,
                     help="without torchrun: spawn this many local ranks (default 1, or 2 with "
                     "--quick on CPU)")
@@ -233,6 +237,12 @@ def under_torchrun() -> bool:
     return all(v in os.environ for v in ENV_RANK)
 
 
+def uses_cuda(args: argparse.Namespace) -> bool:
+    """Whether this run touches CUDA: --device cpu runs everything as on a
+    machine without it, whatever this one has."""
+    return args.device != "cpu" and torch.cuda.is_available()
+
+
 def finish_args(args: argparse.Namespace, ap: argparse.ArgumentParser, cuda: bool) -> None:
     """Defaults (nccl-tests', or --quick's) and the checks that need no process group."""
     quick_gpu = args.quick and cuda
@@ -254,11 +264,15 @@ def finish_args(args: argparse.Namespace, ap: argparse.ArgumentParser, cuda: boo
     for k, v in nccl_defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, quick.get(k, v))
+    if args.device == "cuda" and not cuda:
+        ap.error("--device cuda: torch.cuda.is_available() is False here; use --device cpu")
     if args.backend is None:
         args.backend = "nccl" if cuda else "gloo"
     if args.backend == "nccl" and not cuda:
-        ap.error("--backend nccl needs CUDA devices and torch.cuda.is_available() is False here; "
-                 "use --backend gloo (CPU tensors)")
+        ap.error("--backend nccl needs CUDA devices and "
+                 + ("--device cpu was given" if args.device == "cpu" else
+                    "torch.cuda.is_available() is False here")
+                 + "; use --backend gloo (CPU tensors)")
     if args.minbytes > args.maxbytes:
         ap.error(f"invalid sizes for -b/--minbytes and -e/--maxbytes: {args.minbytes} > "
                  f"{args.maxbytes}")
@@ -290,7 +304,8 @@ def finish_args(args: argparse.Namespace, ap: argparse.ArgumentParser, cuda: boo
         local_world = world
     if args.backend == "nccl" and local_world > torch.cuda.device_count():
         ap.error(f"NCCL needs one GPU per rank: {local_world} ranks on this node and "
-                 f"{torch.cuda.device_count()} GPU(s); use fewer ranks per node or --backend gloo")
+                 f"{torch.cuda.device_count()} GPU(s); use fewer ranks per node, or --device cpu "
+                 "(gloo, CPU ranks)")
     if args.root >= world and any(o in ROOTED for o in args.ops):
         ap.error(f"-r/--root {args.root} is not a rank of this {world}-rank run")
     if "sendrecv" in args.ops and world < 2:
@@ -411,7 +426,7 @@ class Ctx:
         self.have_group = have_group
         self.backend = args.backend
         self.dtype = DTYPES[args.datatype]
-        self.cuda = torch.cuda.is_available()
+        self.cuda = uses_cuda(args)
         if self.cuda:
             ndev = torch.cuda.device_count()
             self.gpu = torch.device("cuda", local_rank % ndev)
@@ -1143,7 +1158,7 @@ def rank_main(args) -> int:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     else:
         rank, world, local_rank, local_world = 0, 1, 0, 1
-    cuda = torch.cuda.is_available()
+    cuda = uses_cuda(args)
     need_group = world > 1 or any(o in COLLECTIVES for o in args.ops)
     if need_group:
         if cuda and args.backend == "nccl":
@@ -1286,7 +1301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
+    cuda = uses_cuda(args)
     finish_args(args, ap, cuda)
     nproc = args.nproc
     if nproc is None and args.quick and not cuda and not under_torchrun():

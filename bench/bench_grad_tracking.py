@@ -3,8 +3,9 @@ unused in a step keep value and state, as torch leaves them). Times a SAMPa
 step on ResNet-56 (167 parameter tensors, every one gets a gradient) with the
 per-step tracking on and patched off, interleaved rounds, 1 thread, CPU.
 
-    python bench/bench_grad_tracking.py
+    python bench/bench_grad_tracking.py [--rounds 6] [--steps 15]
 """
+import argparse
 import os
 import statistics
 import sys
@@ -54,5 +55,14 @@ def main(rounds: int = 6, steps: int = 15) -> None:
           f"{1e3 * b:.2f} ms without, ratio {a / b:.3f}")
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds with and without tracking")
+    ap.add_argument("--steps", type=int, default=15, help="steps per round (their median is the round's time)")
+    return ap.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main()
+    args = parse_args()
+    main(args.rounds, args.steps)

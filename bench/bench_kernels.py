@@ -3,25 +3,27 @@ step against per-parameter and foreach implementations of the same math.
 
 Part 1, kernels: achieved GB/s of each kernel of backend="triton" on flat fp32
 buffers of P elements, next to a plain device-to-device copy (`dst.copy_(src)`)
-moving the same number of bytes. Bytes are counted as in SPEC section 3: every
+moving the same number of bytes. Bytes are counted as in the README's 'What a step moves': every
 buffer a kernel reads plus every buffer it writes, P elements each (so a copy
 of P elements moves 2P). Steady state (not the first step), SGD with
 momentum 0.9 and weight decay, AdamW without amsgrad:
 
-    sgd_pre      reads x, gy, buf               writes x_save, xt, y     6 passes
-    sgd_post     reads x_save, g, gy_new, buf   writes x, buf, gy        7
-    adamw_pre    reads x, gy, m, v              writes x_save, xt, y     7
-    adamw_post   reads x_save, g, gy_new, m, v  writes x, m, v, gy       9
-    sam_perturb  reads x, g                     writes x                 3
-    sam_post     reads x_save, g, buf           writes x, buf            5
+    sgd_pre      reads x, gy, buf               writes xt, y             5 passes
+    sgd_post     reads x, g, gy_new, buf        writes x, buf, gy        7
+    adamw_pre    reads x, gy, m, v              writes xt, y             6
+    adamw_post   reads x, g, gy_new, m, v       writes x, m, v, gy       9
+    sam_perturb  reads x, g                     writes xt                3
+    sam_post     reads x, g, buf                writes x, buf            5
     check        reads g, gy_new (finite check and ||gy_new||^2)         2
 
-So one SGD-momentum SAMPa step moves 6 + 2 + 7 = 15 passes of P, against the
-11 of SPEC section 3's floor: x_save (x kept bit-exact while the model holds
-xt), the gy commit (gy kept unchanged when a step is refused) and the check
-(the finite decision comes before any state is written) are the extra 4. The
-per-kernel GB/s say how close each kernel is to the copy bandwidth; the step
-totals of part 2 include all 15 passes.
+So one SGD-momentum SAMPa step moves 5 + 2 + 7 = 14 passes of P, against the
+11 of the README's floor ('What a step moves'): the xt pass buffer (the x̃-pass runs on it, so
+x is never overwritten), the gy commit (gy kept unchanged when a step is
+refused) and the check (the finite decision comes before any state is
+written) are the extra 3. (The serial engine forms xt and y in two launches,
+one before each pass, reading x and gy twice.) The per-kernel GB/s say how
+close each kernel is to the copy bandwidth; the step totals of part 2
+include all 14 passes.
 
 Part 2, steps: the whole elementwise part of one SAMPa step (pre-gradient
 update, check, post-gradient update; SGD momentum 0.9, weight decay 5e-4,
@@ -32,7 +34,8 @@ as
     fused     backend="triton" on flat buffers (what SAMPa runs on CUDA)
     flat      backend="torch" on flat buffers (the reference backend)
     foreach   the same math over per-tensor lists with torch._foreach_* ops
-    loop      the published reference script's pattern (SPEC section 6): Python
+    loop      the published reference script's pattern (README,
+              'Differences from the official script'): Python
               loops over tensors, torch.cat of gradients, parameters moved
               there and back by add/sub, torch.optim.SGD (default settings)
               for the step; the two ranks' work and the all-reduce (a sum)
@@ -70,7 +73,7 @@ HERE = Path(__file__).resolve().parent
 RHO, LAM, LR, MOMENTUM, WD = 0.05, 0.2, 0.05, 0.9, 5e-4
 EPS = 1e-12
 
-KERNEL_PASSES = {"sgd_pre": 6, "sgd_post": 7, "adamw_pre": 7, "adamw_post": 9,
+KERNEL_PASSES = {"sgd_pre": 5, "sgd_post": 7, "adamw_pre": 6, "adamw_post": 9,
                  "sam_perturb": 3, "sam_post": 5, "check": 2}
 STEP_METHODS = ("fused", "flat", "foreach", "loop")
 
@@ -184,7 +187,7 @@ class Flat:
                                maximize=False), "bench"))
         params = [torch.nn.Parameter(torch.empty(s, device=device)) for s in shapes]
         self.flat = FlatState(params, [0] * len(params), [f"p{i}" for i in range(len(params))],
-                              ("x", "x_save", "g", "y", "gy_new", "gy"), rule, backend.name)
+                              ("x", "g", "xt", "y", "gy_new", "gy"), rule, backend.name)
         self.rep = self.flat.primary
         self.update = Update(rule, self.flat)
         if backend.config is not None:
@@ -194,7 +197,7 @@ class Flat:
         self.update.refresh([(hp, RHO, LAM)], [self.rep])
         self.b = self.rep.slabs[0]
         gen = torch.Generator(device=device).manual_seed(seed)
-        for name in ("x", "x_save", "g", "y", "gy_new", "gy"):
+        for name in ("x", "g", "xt", "y", "gy_new", "gy"):
             getattr(self.b, name).normal_(generator=gen)
         for name, t in self.b.state.items():
             t.normal_(generator=gen)
@@ -348,7 +351,7 @@ class ForeachStep:
 
 
 class LoopStep:
-    """SPEC section 6: the published script's per-parameter pattern, both
+    """README, 'Differences from the official script': the published script's per-parameter pattern, both
     ranks' work on one device, the all-reduce replaced by a sum."""
 
     def __init__(self, shapes, device):

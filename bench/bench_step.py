@@ -74,8 +74,13 @@ QUICK = {
 QUICK_REPEATS = 3
 
 
-def _gib(v):
-    return v if v is not None else float("nan")
+def result_line(model: str, config: str, r: dict) -> str:
+    """One printed line per configuration; peak memory only where measured (CUDA)."""
+    if "step_ms" not in r:
+        return f"{model:14s} {config:20s} {r}"
+    peak = r.get("peak_mem_gib")
+    peak = f"peak {peak:.3f} GiB" if peak is not None else "peak memory n/a (not measured on CPU)"
+    return f"{model:14s} {config:20s} {r['step_ms']:9.3f} ms/step  {peak}"
 
 
 def device_name(device: torch.device) -> str:
@@ -300,9 +305,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             r = entry["configs"][c]
-            print(f"{m:14s} {c:20s} " + (f"{r['step_ms']:9.3f} ms/step  peak "
-                                          f"{_gib(r['peak_mem_gib']):.3f} GiB"
-                                          if "step_ms" in r else str(r)), flush=True)
+            print(result_line(m, c, r), flush=True)
     results["targets"] = check_targets(results)
     for name, t in results["targets"].items():
         print(f"target {name}: {t['what']} = "

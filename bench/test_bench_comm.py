@@ -78,7 +78,8 @@ def test_bench_comm_gloo_smoke(tmp_path):
     sizes, checked data, JSON and plot (tests/test_comm_bench.py covers more)."""
     out = tmp_path / "cpu-comm.json"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(HERE / "bench_comm.py"), "--nproc", "2", "--ops",
+    p = subprocess.run([sys.executable, str(HERE / "bench_comm.py"), "--device", "cpu",
+                        "--backend", "gloo", "--nproc", "2", "--ops",
                         "all_reduce,sendrecv", "-b", "1K", "-e", "64K", "-f", "8", "-n", "5",
                         "--json", str(out), "--plot", str(tmp_path / "cpu-comm.png")],
                        capture_output=True, text=True, timeout=300, env=env)

@@ -107,7 +107,7 @@ class TorchCuda:
         return ext.PeerLink(src, dst, self.handle(src_stream), self.handle(dst_stream), staged,
                             staging_bytes)
 
-    def launch(self, kernel, grid, args: Sequence[Any], meta: dict, writes: Sequence[int]) -> None:
+    def launch(self, kernel, grid, args: Sequence[Any], meta: dict) -> None:
         kernel[grid](*args, **meta)
 
     def synchronize(self, device=None) -> None:

@@ -1,4 +1,4 @@
-"""SAMPa and SAM: the algorithm of SPEC section 1, one step each.
+"""SAMPa and SAM: the algorithm of README.md's "Exactly what it computes", one step each.
 
 The elementwise work is the update layer's (`update/`), the gradient passes
 the engine's (`engines/`), the layout and `opt.state` the flat state's
@@ -27,7 +27,8 @@ class SAMPa(Sharpness):
     independent: the engine may run them at the same time.
     """
 
-    _buffer_names = ("x", "x_save", "g", "y", "gy_new", "gy")
+    # kept buffers; the pass buffers (xt, y) are the engine's plan (state.BufferPlan)
+    _buffer_names = ("x", "g", "gy_new", "gy")
     _group_keys = ("rho", "lam")
 
     def __init__(self, model: nn.Module, loss_fn: Callable, base_optimizer: type, *,
@@ -42,7 +43,11 @@ class SAMPa(Sharpness):
         return {"lam": self._lam}
 
     def _bind_method(self) -> None:
-        if not hasattr(self, "_ypass"):
+        super()._bind_method()
+        if "y" not in self.flat.primary.points:       # the y-pass runs on another replica
+            self._ypass = None
+            return
+        if getattr(self, "_ypass", None) is None:
             self._ypass = YPass(self.model, self.flat.layout.params, self._private)
         else:
             self._ypass.params = list(self.flat.layout.params)
@@ -52,7 +57,7 @@ class SAMPa(Sharpness):
         return self._ypass.swapped_in()
 
     def _y_leaves(self):
-        return self._ypass.leaves
+        return self._ypass.leaves if self._ypass is not None else []
 
     def step(self, batch=None, closure=None, **extra):
         batch = self._begin(batch, closure, extra)
@@ -61,13 +66,16 @@ class SAMPa(Sharpness):
         return self._end(out, batch)
 
     def _step(self, held, batch) -> StepOut:
-        """What one step queues on the device, in SPEC section 1's order."""
+        """What one step queues on the device, in the README algorithm's order."""
         reps = self.engine.replicas
         self.guard.save_buffers()
-        # 1. xt = x + rho gy / (||gy|| + eps)  -> the model
-        # 2. y  = peek(x, s, gy)               -> the y parameters
-        form = getattr(self.engine, "pre_form", "both")      # a rank running one pass forms its input only
-        self.update.sampa_pre(reps) if form == "both" else self.update.sampa_pre(reps, form)
+        # 1. xt = x + rho gy / (||gy|| + eps)  -> the xt pass buffer
+        # 2. y  = peek(x, s, gy)               -> the y pass buffer
+        #    (formed by the engine, each before the pass that reads it; an
+        #    in-place engine gets both here, xt written into the model's x)
+        if self.flat.primary.in_place:
+            self.update.save_x(reps)
+            self.update.sampa_pre(reps)
         self._private.sync()
         # 3. gxt = grad f(xt, B_t) and gy_{t+1} = grad f(y, B_{t+1}), independent
         grads = self.engine.sampa_gradients(held, batch)
@@ -114,7 +122,7 @@ class SAM(Sharpness):
     statistics follow the pass at x only (the perturbed pass's updates are
     discarded, as davda54/sam's recipe does)."""
 
-    _buffer_names = ("x", "x_save", "g")
+    _buffer_names = ("x", "g")     # and the xt pass buffer
 
     def __init__(self, model: nn.Module, loss_fn: Callable, base_optimizer: type, *,
                  rho: float = 0.05, engine: str = "serial", backend: str = "auto", **kwargs):
@@ -132,11 +140,13 @@ class SAM(Sharpness):
         reps = self.engine.replicas
         invs = self._invs()
         self.guard.save_buffers()
-        self.update.sam_save(reps)                                       # x_save <- x
+        in_place = self.flat.primary.in_place
+        self.update.save_x(reps)                                         # (in place only) x_save <- x
         first = self.engine.gradient(batch, "first pass")                # g = grad f(x, b)
         checks0 = self.update.check(reps, (first.loss,), ("g",), "g", invs)
         self.update.sam_perturb(reps, checks0, invs)                     # xt = x + rho g/(||g|| + eps)
-        second = self.engine.gradient(batch, "perturbed pass", private_buffers=True)   # g = grad f(xt, b)
+        at = {} if in_place else {"point": "xt"}                         # the xt leaves, or x itself
+        second = self.engine.gradient(batch, "perturbed pass", private_buffers=True, **at)  # g = grad f(xt, b)
         checks1 = self.update.check(reps, (), ("g",), None, invs)
         checks = [(ok0 & ok1, sq) for (ok0, sq), (ok1, _) in zip(checks0, checks1)]
         got = [a or b for a, b in zip(first.got, second.got)] if first.got and second.got else None

@@ -5,22 +5,26 @@ checks, the one host read and the bookkeeping)."""
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from . import checkpoint, context, tree
-from .engines import ENGINE_OPTIONS, make_engine
+from .engines import ENGINE_OPTIONS, engine_class, make_engine
 from .guard import NONFINITE_MODES, Progress, StepGuard
 from .passes import PassRunner
 from .saving import CompactStateDict
-from .state import FlatState
+from .state import LEGACY_PLAN, FlatState
+from .statewatch import Watch, watched
 from .update import make_update, rule_for
 from .update.common import check_number
-from .ymodel import PrivateBuffers, swapped
+from .wrapped import reduces_own_parameters, refuse_wrapped, resolved_engine
+from .ymodel import PrivateBuffers, YPass, swapped
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Sharpness(torch.optim.Optimizer):
         self._check_arguments(model, loss_fn, base_optimizer, nonfinite, grad_scaler, max_grad_norm,
                               accumulation_steps, adaptive, base_kwargs)
         self._check_rho_lam({"rho": rho, **self._defaults_extra()}, cls)
+        refuse_wrapped(model, resolved_engine(engine), cls)    # DDP, FSDP, Fabric: before any collective
         engine_options = {k: base_kwargs.pop(k) for k in ENGINE_OPTIONS if k in base_kwargs}
         if params is None:   # as torch.optim.SGD(model.parameters()): frozen ones too
             params = [p for p in model.parameters() if p.is_floating_point()]
@@ -78,11 +83,12 @@ class Sharpness(torch.optim.Optimizer):
         base.defaults.update(extra)
         super().__init__(base.param_groups, base.defaults)
         self._building = False
+        self._engine_stale = False
         # The base optimizer's own objects: schedulers and edits act on both.
         self.base = base
         self.param_groups, self.state, self.defaults = base.param_groups, base.state, base.defaults
         self.nonfinite = nonfinite
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = None if max_grad_norm is None else _number(max_grad_norm)
         self.accumulation_steps = accumulation_steps
         self.adaptive = adaptive
         self.last_outputs: Any = None     # the x̃-pass's loss_fn outputs of the last step
@@ -93,9 +99,18 @@ class Sharpness(torch.optim.Optimizer):
         self.passes = PassRunner(loss_fn, accumulation_steps, self.guard.scale, cls)
         self._private = PrivateBuffers(model)
         self._rule = rule_for(base)
+        self._watch = Watch()
+        # What a step would refuse is refused now (e.g. lr=nan, which torch accepts).
+        for gi, group in enumerate(self.param_groups):
+            self._group_hyper(group, f"{cls} param group {gi}")
         params, groups, names = self._param_list()
+        # The engine says which pass buffers it needs before they are laid out.
+        engine_cls = engine_class(engine, SimpleNamespace(method=cls, params=params,
+                                                          fused=self._rule is not None))
+        plan = LEGACY_PLAN if reduces_own_parameters(model) else engine_cls.buffer_plan(cls)
         self.flat = FlatState(params, groups, names, self._buffer_names,
-                              self._rule if self._rule is not None else _no_state, backend)
+                              self._rule if self._rule is not None else _no_state, backend,
+                              plan=plan, generic=self._rule is None)
         self.update = make_update(base, self.flat, adaptive, self.max_grad_norm)
         self._flags = self._grad_flags()
         self._step_tensors: Dict[int, torch.Tensor] = {}
@@ -103,7 +118,7 @@ class Sharpness(torch.optim.Optimizer):
         self._compact = CompactStateDict(self, model)
         self._ctx = context.build(self)
         self._after_layout()
-        self.engine = make_engine(engine, self._ctx, **engine_options)
+        self.engine = make_engine(engine_cls, self._ctx, **engine_options)
         if not self.update.fused and len(self.engine.replicas) > 1:
             raise ValueError(f"{cls}: the {self.engine.name} engine keeps replicas of the optimizer "
                              "state and needs torch.optim.SGD or torch.optim.AdamW as base optimizer, "
@@ -137,8 +152,7 @@ class Sharpness(torch.optim.Optimizer):
                                             and hasattr(grad_scaler, "is_enabled")):
             raise TypeError(f"{cls}: grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
-                                              and not isinstance(max_grad_norm, bool) and max_grad_norm > 0):
+        if max_grad_norm is not None and not (_number(max_grad_norm) or 0) > 0:
             raise ValueError(f"{cls}: max_grad_norm must be a number > 0 (or None), got {max_grad_norm!r}")
         if isinstance(accumulation_steps, bool) or not (isinstance(accumulation_steps, int)
                                                         and accumulation_steps >= 1):
@@ -148,17 +162,21 @@ class Sharpness(torch.optim.Optimizer):
 
     @staticmethod
     def _check_rho_lam(group: dict, where: str) -> None:
-        rho = group.get("rho")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho < float("inf"):
-            raise ValueError(f"{where}: rho must be a finite number >= 0, got {rho!r}")
+        rho = _number(group.get("rho"))
+        if rho is None or not 0 <= rho < float("inf"):
+            raise ValueError(f"{where}: rho must be a finite number >= 0, got {group.get('rho')!r}")
         if "lam" in group:
-            lam = group["lam"]
-            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
-                raise ValueError(f"{where}: lam must be a number in [0, 1], got {lam!r}")
+            lam = _number(group["lam"])
+            if lam is None or not 0 <= lam <= 1:
+                raise ValueError(f"{where}: lam must be a number in [0, 1], got {group['lam']!r}")
 
     # ------------------------------------------------------------ layout
-    def _check_param(self, p: torch.Tensor) -> None:
-        cls = type(self).__name__
+    def _check_param(self, p: torch.Tensor, where: str = "") -> None:
+        cls = type(self).__name__ + where
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{cls}: a param group holds {type(p).__name__}, not a parameter")
+        if id(p) not in self._names:      # a module added to the model since: look again
+            self._names = {id(q): n for n, q in self.model.named_parameters(remove_duplicate=True)}
         if id(p) not in self._names:
             raise ValueError(f"{cls}: a parameter of shape {tuple(p.shape)} is not a parameter of "
                              "the model; every optimized parameter must belong to `model`")
@@ -172,10 +190,10 @@ class Sharpness(torch.optim.Optimizer):
         params, groups, seen = [], [], set()
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                self._check_param(p)
+                self._check_param(p, f" param group {gi}")
                 if id(p) in seen:
-                    raise ValueError(f"{type(self).__name__}: parameter {self._names[id(p)]} appears "
-                                     "in more than one param group")
+                    raise ValueError(f"{type(self).__name__} param group {gi}: parameter "
+                                     f"{self._names[id(p)]} appears in more than one param group")
                 seen.add(id(p))
                 params.append(p)
                 groups.append(gi)
@@ -191,12 +209,20 @@ class Sharpness(torch.optim.Optimizer):
         self.flat.relayout(params, groups, names, keep_from)
         self._compact.install(self.model)
         self._after_layout()
+        # An engine that cannot follow (peer: the model copy lacks a new
+        # parameter) raises; it is asked again before every step until the
+        # layout is one it can run, so no step runs on a half-built engine.
+        self._engine_stale = True
         self.engine.relayout()
+        self._engine_stale = False
 
     def _after_layout(self) -> None:
         ctx = self._ctx
         ctx.params, ctx.names, ctx.primary = self.flat.layout.params, self.flat.layout.names, self.flat.primary
         self._n_groups = len(self.param_groups)
+        self._group_ids = [list(map(id, g["params"])) for g in self.param_groups]
+        modules = list(self.model.modules())          # modules added since take part too
+        self._private._modules = self.guard._modules = modules
         self._flags = self._grad_flags()
         self._owners = self._param_owners()
         self._bind_method()
@@ -216,23 +242,40 @@ class Sharpness(torch.optim.Optimizer):
         return owners
 
     def _bind_method(self) -> None:
-        pass
+        """The xt leaves over the pass buffer (again after a relayout); none
+        where the engine runs the x̃-pass on the model's own parameters."""
+        rep = self.flat.primary
+        if rep.in_place or "xt" not in rep.points:
+            self._xpoint = None
+            return
+        if getattr(self, "_xpoint", None) is None:
+            self._xpoint = YPass(self.model, self.flat.layout.params, None, every=True)
+        else:
+            self._xpoint.params = list(self.flat.layout.params)
+        self._xpoint.bind(rep.slabs, "xt", "g")
+
+    def _set_buffer_plan(self, plan) -> None:
+        """The optimizer's replica by another plan (an engine narrowing it to
+        its role, in its constructor)."""
+        self.flat.replan(plan)
+        self._bind_method()
+
+    def _form(self, points) -> None:
+        """xt and/or y into the pass buffers of every replica (engines call
+        this before the pass that reads them)."""
+        self.update.sampa_pre(self.engine.replicas, points)
 
     def _ensure_layout(self) -> None:
         """Per step: follow what the user did to the parameters since the last
         step (a storage, shape or dtype replaced: lay out again, keeping the
         state; a gradient replaced: bind it again; trainable set changed:
         the engine follows)."""
-        for p, owner in zip(self.flat.layout.params, self._owners):
-            if owner is not None and owner[0].get(owner[1]) is not p:
-                now = owner[0].get(owner[1])
-                how = ("on the meta device (model.to('meta'))" if now is not None and now.device.type == "meta"
-                       else "replaced by a new Parameter object (model.to_empty(), a meta round trip, or "
-                       "an assignment to the module's attribute)")
-                raise RuntimeError(
-                    f"{type(self).__name__}: parameter {owner[2]} of the model is {how}; the optimizer "
-                    "holds the old one and would train it unseen. Build the optimizer again on the "
-                    "model as it is now (and load its state_dict to continue)")
+        if self._engine_stale:
+            self._relayout_by_identity()
+        self._follow_param_lists()
+        if any(owner is not None and owner[0].get(owner[1]) is not p
+               for p, owner in zip(self.flat.layout.params, self._owners)):
+            self._follow_registrations()
         what = self.flat.check_params()
         if what is not None and what.startswith("meta:"):
             raise RuntimeError(f"{type(self).__name__}: parameter {what[5:]} is on the meta device "
@@ -251,7 +294,90 @@ class Sharpness(torch.optim.Optimizer):
             self._flags = flags
             self.engine.relayout()
 
+    def _follow_param_lists(self) -> None:
+        """Edits of a group's params list (append, remove, a new list) act at
+        the next step, as in torch: lay out again, keeping the state of every
+        parameter that stays. A list that cannot be used is refused, naming
+        its group, before anything changes."""
+        groups = self.param_groups
+        if len(groups) == self._n_groups and all(
+                type(g["params"]) is list and list(map(id, g["params"])) == ids
+                for g, ids in zip(groups, self._group_ids)):
+            return
+        if len(groups) != self._n_groups:
+            raise RuntimeError(f"{type(self).__name__}: param groups changed without add_param_group; "
+                               "use opt.add_param_group(...)")
+        for gi, g in enumerate(groups):
+            ps = g.get("params")
+            if isinstance(ps, torch.Tensor):
+                ps = [ps]
+            elif not isinstance(ps, list):
+                try:
+                    ps = list(ps)
+                except TypeError:
+                    raise TypeError(f"{type(self).__name__} param group {gi}: 'params' must be a list of "
+                                    f"parameters, got {type(ps).__name__}") from None
+            g["params"] = ps                  # torch's add_param_group keeps a list too
+        params = self._param_list()[0]        # refuses, naming the group
+        if not params:
+            raise ValueError(f"{type(self).__name__}: the param groups hold no parameter any more")
+        self._relayout_by_identity()
+
+    def _relayout_by_identity(self) -> None:
+        """Lay out the param groups' parameters as they are now, keeping the
+        state of each parameter already laid out (matched by identity)."""
+        old = {id(p): i for i, p in enumerate(self.flat.layout.params)}
+        self._relayout([old.get(id(p), -1) for p in self._param_list()[0]])
+
+    def _follow_registrations(self) -> None:
+        """A laid-out parameter is no longer in its module slot. The same
+        object registered under another name (torch.nn.utils.prune moves
+        `weight` to `weight_orig`) is followed; a new object in the slot or
+        a parameter gone from the model is refused."""
+        cls = type(self).__name__
+        now_names = {id(q): n for n, q in self.model.named_parameters(remove_duplicate=True)}
+        for p, owner in zip(self.flat.layout.params, self._owners):
+            if owner is None or owner[0].get(owner[1]) is p or id(p) in now_names:
+                continue
+            now = owner[0].get(owner[1])
+            if now is not None and now.device.type == "meta":
+                raise RuntimeError(
+                    f"{cls}: parameter {owner[2]} of the model is on the meta device "
+                    "(model.to('meta')); the optimizer holds the old one and would train it "
+                    "unseen. Build the optimizer again on the model as it is now and load "
+                    "opt.state_dict() into it")
+            if isinstance(now, torch.Tensor):
+                raise RuntimeError(
+                    f"{cls}: parameter {owner[2]} of the model was replaced by a new Parameter "
+                    "object (model.to_empty(), a meta round trip, or an assignment to the "
+                    "module's attribute); the optimizer holds the old one and would train it "
+                    "unseen. Take sd = opt.state_dict(), build the optimizer again on the model "
+                    "as it is now, and call load_state_dict(sd) on it (same parameter order "
+                    "and shapes)")
+            gi = next(i for i, grp in enumerate(self.param_groups)
+                      if any(q is p for q in grp["params"]))
+            raise RuntimeError(
+                f"{cls}: parameter {owner[2]} is no longer a parameter of the model (removed from "
+                f"its module); the optimizer would train it unseen. Remove it from its param "
+                f"group (opt.param_groups[{gi}]['params'] = [q for q in opt.param_groups[{gi}]['params'] "
+                f"if q is not p]) to go on without it, or "
+                "register it on the model again")
+        self._names = now_names           # re-registered under new names: follow them
+        self._relayout()
+
     # ------------------------------------------------------------ per step
+    def _group_hyper(self, group: dict, where: str):
+        """One group's (base hyperparameters, rho, lam), validated; numpy
+        scalars and 1-element tensors count as numbers, as in torch."""
+        for k in self._group_keys:
+            if k not in group:
+                raise ValueError(f"{where}: the hyperparameter {k!r} is missing; set it again "
+                                 f"(opt.param_groups[i][{k!r}] = ...)")
+        self._check_rho_lam(group, where)
+        plain = {k: _plain(v) for k, v in group.items() if k != "params"}
+        hp = self._rule.hyper(plain, where) if self._rule is not None else _generic_hyper(plain, where)
+        return hp, _number(group["rho"]), _number(group.get("lam", 0.0))
+
     def _hyper(self):
         """Per group: (base hyperparameters, rho, lam), validated at every step
         since users and schedulers edit groups between steps."""
@@ -259,20 +385,12 @@ class Sharpness(torch.optim.Optimizer):
         if len(self.param_groups) != self._n_groups:
             raise RuntimeError(f"{cls}: param groups changed without add_param_group; use "
                                "opt.add_param_group(...)")
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            where = f"{cls} param group {gi}"
-            for k in self._group_keys:
-                if k not in group:
-                    raise ValueError(f"{where}: the hyperparameter {k!r} is missing; set it again "
-                                     f"(opt.param_groups[{gi}][{k!r}] = ...)")
-            self._check_rho_lam(group, where)
-            hp = self._rule.hyper(group, where) if self._rule is not None else _generic_hyper(group, where)
-            out.append((hp, float(group["rho"]), float(group.get("lam", 0.0))))
-        return out
+        return [self._group_hyper(group, f"{cls} param group {gi}")
+                for gi, group in enumerate(self.param_groups)]
 
     def _begin(self, batch, closure, extra):
         cls = type(self).__name__
+        batch, closure = _batch_from_wrapper(batch, closure)
         if extra:
             raise TypeError(f"{cls}.step() got unexpected arguments {sorted(extra)}")
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
@@ -291,25 +409,33 @@ class Sharpness(torch.optim.Optimizer):
                                 "= False) and call self.optimizers().step(batch=batch) in "
                                 "training_step")
             with torch.enable_grad():
-                closure()                     # trainers' closures: run, result ignored (SPEC 2)
+                closure()                     # trainers' closures: run, result ignored (README, Use)
         if batch is None:
             raise TypeError(f"{cls}.step(batch): pass the next batch; the optimizer calls "
-                            "loss_fn(model, batch) itself (closures are not used)")
+                            "loss_fn(model, batch) itself (closures are not used)" + _trainer_hint())
         if callable(batch) and not isinstance(batch, (torch.Tensor, nn.Module)) and \
                 not tree.tensors(batch):
             raise TypeError(f"{cls}.step(closure): the optimizer computes both gradients itself "
                             "by calling loss_fn(model, batch), so torch's opt.step(closure) idiom "
                             "does not apply: pass the batch, opt.step(batch)")
+        _refuse_empty(batch, cls)
         hyper = self._hyper()
+        hps = [h for h, _, _ in hyper]
+        if self.update.fused and self._watch.dirty:   # opt.state was edited since the last step
+            self.flat.allocate_state(hps, self.engine.replicas)
+            self._apply_state_edits(hps)              # before a relayout would publish over them
         self._ensure_layout()
         if self.update.fused:
-            if any(self.flat.counts) and not self.state:
-                self._reset_state()           # the user cleared opt.state: start afresh, as torch would
-            self.flat.allocate_state([h for h, _, _ in hyper], self.engine.replicas)
+            self.flat.allocate_state(hps, self.engine.replicas)
         self._hyper_now = hyper
         self._structure = (self.update.refresh(hyper, self.engine.replicas),
                            self.model.training, torch.is_grad_enabled(), self.loss_fn,
                            self.accumulation_steps, self.grad_scaler is not None)
+        if getattr(self.engine, "graph", None) is not None:
+            # A CUDA graph replays the tensor hooks it captured: a hook added or
+            # removed since is another structure (run eagerly, then captured again).
+            self._structure += (tuple(tuple(h) if h else () for h in
+                                      (p._backward_hooks for p in self.flat.layout.params)),)
         self.guard.init_scaler(self.flat.primary.device)
         return batch
 
@@ -355,6 +481,81 @@ class Sharpness(torch.optim.Optimizer):
         if self.update.fused:
             self._step_tensors = {}
             self.flat.publish(self.state, self._rule, self._step_tensors)
+            # a state a checkpoint load or the user put in place is watched too
+            self.state = self.base.state = watched(self.base.state, self._watch)
+            self._watch.dirty = False
+
+    def _apply_state_edits(self, hps: List[dict]) -> None:
+        """What the user did to `opt.state` since the last step, as torch's
+        optimizer would take it at its next step: a tensor assigned into an
+        entry is copied into the flat state (same shape and dtype, else
+        refused); an entry deleted (or cleared, or missing one of its
+        tensors) starts afresh; a state given to a parameter without one is
+        used. Everything is checked before anything changes."""
+        cls = type(self).__name__
+        flat, rule, layout = self.flat, self._rule, self.flat.layout
+        counts = flat.counts
+        new_counts = list(counts)
+        copies, fresh = [], []          # (param index, state name, tensor); param indices
+        for i, p in enumerate(layout.params):
+            st = dict.get(self.state, p)
+            names = rule.state_names(hps[layout.groups[i]])
+            s, k = layout.where[i]
+            where = f"{cls}: opt.state[p] of parameter {layout.names[i]}"
+            if counts[i] and (not st or any(n not in st for n in names)):
+                fresh.append(i)         # torch: no state (or no buffer) -> initialised again
+                new_counts[i] = 0
+                continue
+            if not st:
+                continue
+            primary = flat.primary.slabs[s]
+            given = {}
+            for n in names:
+                v = st.get(n)
+                if v is None:
+                    continue
+                view = primary.slab.views(primary.state[n])[k]
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(f"{where}: {n!r} must be a tensor, got {type(v).__name__}")
+                if tuple(v.shape) != tuple(view.shape):
+                    raise ValueError(f"{where}: {n!r} has shape {tuple(v.shape)}, the parameter's "
+                                     f"is {tuple(view.shape)}; assign a tensor of the parameter's shape")
+                if v.dtype != view.dtype:
+                    raise ValueError(f"{where}: {n!r} has dtype {v.dtype}, the state's is {view.dtype}; "
+                                     f"assign a tensor of dtype {view.dtype}")
+                if not (v.data_ptr() == view.data_ptr() and v.stride() == view.stride()
+                        and v.device == view.device):
+                    given[n] = v
+            step = _count_of(st.get("step"), counts[i] if rule.NAME == "adamw" else None, where)
+            if counts[i] == 0 and given:      # a state for a parameter that had none
+                missing = [n for n in names if n not in given]
+                if missing or (rule.NAME == "adamw" and step is None):
+                    need = missing + (["step"] if rule.NAME == "adamw" and step is None else [])
+                    raise ValueError(f"{where} sets {sorted(given)} but not {need}; set all of "
+                                     f"{names + (['step'] if rule.NAME == 'adamw' else [])}, or none")
+                new_counts[i] = step if rule.NAME == "adamw" else 1
+            elif counts[i] and rule.NAME == "adamw" and step is not None:
+                new_counts[i] = step
+            copies += [(i, n, v) for n, v in given.items()]
+        with torch.no_grad():
+            for rep in self.engine.replicas:
+                views: Dict[tuple, list] = {}
+
+                def view_of(i, n):
+                    s, k = layout.where[i]
+                    key = (s, n)
+                    if key not in views:
+                        b = rep.slabs[s]
+                        views[key] = b.slab.views(b.state[n])
+                    return views[key][k]
+                for i in fresh:
+                    for n in rule.state_names(hps[layout.groups[i]]):
+                        view_of(i, n).zero_()
+                for i, n, v in copies:
+                    view_of(i, n).copy_(v)
+        if new_counts != counts:
+            flat.set_counts(new_counts)
+        self._publish()
 
     # ------------------------------------------------------------ context
     @contextlib.contextmanager
@@ -367,6 +568,16 @@ class Sharpness(torch.optim.Optimizer):
 
     def _y_pass(self):
         raise NotImplementedError(f"{type(self).__name__} has no y-pass")
+
+    def _x_pass(self):
+        """The user's model with the xt leaves swapped in (its own buffers)."""
+        if self._xpoint is None:
+            raise RuntimeError(f"{type(self).__name__}: the {self.engine.name} engine runs the "
+                               "x̃-pass on the model's own parameters (no xt pass buffer)")
+        return self._xpoint.swapped_in()
+
+    def _x_leaves(self):
+        return self._xpoint.current() if self._xpoint is not None else []
 
     def _y_leaves(self):
         raise NotImplementedError(f"{type(self).__name__} has no y-pass")
@@ -405,16 +616,26 @@ class Sharpness(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
-            self._check_param(p)
+            self._check_param(p, ".add_param_group")
         group = dict(param_group, params=params)
         for k in self._group_keys:
             group.setdefault(k, self.defaults[k])
-        self._check_rho_lam(group, f"{type(self).__name__}.add_param_group")
+        where = f"{type(self).__name__}.add_param_group"
+        self._check_rho_lam(group, where)
+        self._group_hyper({**self.defaults, **group}, where)
         old = {id(p): i for i, p in enumerate(self.flat.layout.params)}
         self.base.add_param_group(group)
         self.param_groups = self.base.param_groups
         new_params = self._param_list()[0]
-        self._relayout([old.get(id(p), -1) for p in new_params])
+        try:
+            self._relayout([old.get(id(p), -1) for p in new_params])
+        except Exception:
+            # the engine refused the new layout: back to the old one, as if never
+            # added (an engine that still refuses is asked again at the next step)
+            self.param_groups.pop()
+            with contextlib.suppress(Exception):
+                self._relayout_by_identity()
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient buffer. Gradients stay views into it whatever
@@ -456,6 +677,52 @@ class Sharpness(torch.optim.Optimizer):
                 f"slabs={len(self.flat.primary.slabs)}, elements={p})")
 
 
+def _plain(v):
+    """numpy scalars and 0-dim arrays as Python numbers (torch's optimizers
+    take them); pairs such as betas element by element; anything else as is."""
+    if isinstance(v, (bool, int, float, str, torch.Tensor)) or v is None:
+        return v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_plain(x) for x in v)
+    if isinstance(v, numbers.Number) or (getattr(v, "ndim", None) == 0 and hasattr(v, "item")):
+        return v.item() if hasattr(v, "item") else v
+    return v
+
+
+def _number(v) -> Optional[float]:
+    """A real number given as a Python number, a numpy scalar or a 1-element
+    tensor, as a float; None for anything else."""
+    v = _plain(v)
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
+            return None
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _count_of(step, current: Optional[int], where: str) -> Optional[int]:
+    """AdamW's 'step' entry as a count: None where it is absent or unchanged."""
+    if step is None or current is None:
+        return None
+    n = _number(step)
+    if n is None or not (n >= 0 and n == int(n)):
+        raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {step!r}")
+    return None if int(n) == current else int(n)
+
+
+def _refuse_empty(batch, cls: str) -> None:
+    """A batch whose tensors are all empty gives a NaN mean loss: say so by name
+    (the first non-empty tensor ends the look)."""
+    ts = tree.tensors(batch)
+    if ts and all(t.numel() == 0 for t in ts):
+        shapes = ", ".join(str(tuple(t.shape)) for t in ts[:4])
+        raise ValueError(f"{cls}.step(batch): the batch is empty (tensors of shape {shapes}); "
+                         "skip empty batches (e.g. DataLoader(..., drop_last=True) or a check "
+                         "before step)")
+
+
 def _generic_hyper(group: dict, where: str) -> dict:
     for k in ("lr", "weight_decay"):
         if k in group and not isinstance(group[k], (bool, type(None))):
@@ -469,6 +736,23 @@ class _no_state:
     @staticmethod
     def state_names(hp) -> List[str]:
         return []
+
+
+def _batch_from_wrapper(batch, closure):
+    """Optimizer wrappers (Lightning Fabric's) pass step's one argument on as
+    `closure=`: opt.step(batch) arrives as step(closure=batch). A closure that
+    cannot be called is that batch."""
+    if batch is None and closure is not None and not callable(closure):
+        return closure, None
+    return batch, closure
+
+
+def _trainer_hint() -> str:
+    """A trainer that calls opt.step() with nothing, after its own backward."""
+    if "transformers.trainer" in sys.modules:
+        return (". Hugging Face Trainer: use sampa_fused.integrations.huggingface.SAMPaTrainer, "
+                "whose training_step calls opt.step(inputs)")
+    return ""
 
 
 def _refuse_accelerate_accumulation(cls: str) -> None:

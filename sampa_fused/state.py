@@ -2,14 +2,20 @@
 each replica, the base-optimizer state counts, and `opt.state` as torch
 shows it.
 
-Buffers of one (device, dtype) slab, per replica (SPEC sections 1 and 3):
-    x       the model's parameters (views): x between steps, xt in the x̃-pass
-    x_save  x kept bit-exact while the model holds xt
+Buffers of one (device, dtype) slab, per replica (README, 'Exactly what it computes' and 'What a step moves'):
+    x       the model's parameters (views): x, written only by an accepted step
     g       the model's gradients (views): gxt (SAM: the pass's gradient)
-    y       the y parameters (views of the y leaves)            (SAMPa)
+    xt      the x̃ pass buffer: the leaves swapped into the model for the
+            x̃-pass (SAM: the perturbed pass); their gradients land in g
+    y       the y pass buffer (views of the y leaves)           (SAMPa)
     gy_new  their gradients: gy_{t+1}                           (SAMPa)
     gy      gy_t, committed only when a step is accepted        (SAMPa)
     state   base-optimizer state by name (momentum_buffer, exp_avg, ...)
+
+Which pass buffers a replica holds is the engine's `BufferPlan`: the serial
+engine forms xt, runs the x̃-pass, then forms y in the same buffer; engines
+that run both passes at once hold both; a replica that runs one pass holds
+its own. x is never overwritten by a pass, so a refused step restores nothing.
 
 Counts: each parameter's state has taken `count` steps (AdamW's step, the
 steps that fed SGD's momentum buffer). Parameters with the same param group
@@ -29,7 +35,52 @@ from torch import nn
 from . import _cuda
 from .flat import Slab, build_slabs
 from .update import backend_for
+from .update.ops import family
 from .update.table import HyperTable
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """The pass buffers a replica holds, declared by its engine.
+
+    `points`: which points it forms and runs a pass at: "xt" (the x̃-pass,
+    SAM's perturbed pass) and/or "y" (SAMPa's y-pass). `shared`: one buffer
+    serves both, xt first (the engine forms y only after the x̃-pass is done).
+    `in_place`: the engine runs the x̃-pass on the model's own parameters
+    (`Context.params`): xt is written into x and x is kept in x_save, copied
+    back after the step (the layout before pass buffers; any engine that does
+    not declare a plan gets it)."""
+    points: Tuple[str, ...] = ("xt", "y")
+    shared: bool = False
+    in_place: bool = False
+
+    def __post_init__(self):
+        bad = [p for p in self.points if p not in ("xt", "y")]
+        if bad or not self.points:
+            raise ValueError(f"BufferPlan: points must be 'xt' and/or 'y', got {self.points!r}")
+
+    def allocation(self, names: Sequence[str], generic: bool = False
+                   ) -> Tuple[List[str], Dict[str, str], Tuple[str, ...]]:
+        """(buffers to allocate, aliases {name: the buffer it shares}, points)
+        for a method whose kept buffers are `names` (SAMPa's hold "gy").
+        `generic`: the base optimizer runs its own step on the parameters, so
+        its peek needs a copy of x (x_save)."""
+        sampa = "gy" in names
+        points = tuple(p for p in self.points if sampa or p == "xt") or ("xt",)
+        out, aliases = list(names), {}
+        for p in points:
+            if self.in_place and p == "xt":
+                aliases["xt"] = "x"
+            elif self.shared and p == "y" and "xt" in points and not self.in_place:
+                aliases["y"] = "xt"
+            else:
+                out.append(p)
+        if (self.in_place or generic) and "x_save" not in out:
+            out.append("x_save")
+        return out, aliases, points
+
+
+LEGACY_PLAN = BufferPlan(in_place=True)
 
 
 @dataclass(frozen=True)
@@ -44,13 +95,25 @@ class Run:
 
 class SlabBuffers:
     def __init__(self, slab: Slab, names: Sequence[str], state_names: Sequence[str],
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, aliases: Optional[Dict[str, str]] = None):
         self.slab = slab
         self.dtype = slab.dtype
-        for n in names:
-            setattr(self, n, slab.empty(device=device))
-        self.state: Dict[str, torch.Tensor] = {n: slab.empty(device=device) for n in state_names}
         self._device = device
+        self.names: Tuple[str, ...] = ()
+        self.provide(names, aliases or {})
+        self.state: Dict[str, torch.Tensor] = {n: slab.empty(device=device) for n in state_names}
+
+    def provide(self, names: Sequence[str], aliases: Dict[str, str]) -> None:
+        """Hold exactly `names` (new ones zeroed, others freed) and the aliases."""
+        old_aliases = getattr(self, "aliases", {})
+        for n in (set(self.names) - set(names)) | set(aliases) | set(old_aliases):
+            self.__dict__.pop(n, None)
+        for n in names:
+            if n not in self.__dict__:
+                setattr(self, n, self.slab.empty(device=self._device))
+        for a, owner in aliases.items():
+            setattr(self, a, getattr(self, owner))
+        self.names, self.aliases = tuple(names) + tuple(aliases), dict(aliases)
 
     def ensure_state(self, names: Sequence[str]) -> None:
         """Allocate state buffers needed now (a scheduler may switch momentum on)."""
@@ -68,15 +131,43 @@ class Replica:
     with its hyperparameter tables and ||gy||^2 (or ||g||^2) on the device."""
 
     def __init__(self, layout: "Layout", names: Sequence[str], state_names: Sequence[Sequence[str]],
-                 logical: torch.device, backend: str):
+                 logical: torch.device, backend: str, plan: Optional[BufferPlan] = None,
+                 generic: bool = False):
         self.logical = logical                                # the engine's view of the device
         self.device = device = _cuda.physical(logical)        # where its tensors live
+        self.names = tuple(names)
+        self._apply_plan(plan, generic)
         with _cuda.on_device(self.logical):
-            self.slabs = [SlabBuffers(s, names, sn, device) for s, sn in zip(layout.slabs, state_names)]
+            self.slabs = [SlabBuffers(s, self._alloc, sn, device, self.aliases)
+                          for s, sn in zip(layout.slabs, state_names)]
             self.gy_sq = torch.zeros((), dtype=torch.float32, device=device)
         pin = device.type == "cuda"
         self.tables = {d: HyperTable(device, d, pin) for d in {compute_dtype(s.dtype) for s in layout.slabs}}
         self.backend = backend_for(backend, device, [s.dtype for s in layout.slabs])
+        self.ops = family(self.backend)                       # the update's registered ops, chosen once
+
+    def _apply_plan(self, plan: Optional[BufferPlan], generic: bool) -> None:
+        if plan is None:          # the names say it all (kernel tests, benchmarks)
+            self._alloc, self.aliases = list(self.names), {}
+            self.points = tuple(p for p in ("xt", "y") if p in self.names)
+            self.in_place = self.shared = False
+        else:
+            self._alloc, self.aliases, self.points = plan.allocation(self.names, generic)
+            self.in_place, self.shared = plan.in_place, "y" in self.aliases
+        self.plan, self.generic = plan, generic
+
+    def replan(self, plan: BufferPlan) -> None:
+        """Hold the buffers of another plan (an engine narrowing its replica
+        to its role): kept buffers keep their values, new ones start at zero."""
+        self._apply_plan(plan, self.generic)
+        with _cuda.on_device(self.logical):
+            for b in self.slabs:
+                b.provide(self._alloc, self.aliases)
+
+    def x_of(self, b: "SlabBuffers") -> torch.Tensor:
+        """The x the update reads and commits: the model's own buffer, or its
+        saved copy while an in-place x̃-pass holds xt there."""
+        return b.x_save if self.in_place else b.x
 
     def table(self, dtype: torch.dtype) -> HyperTable:
         return self.tables[compute_dtype(dtype)]
@@ -110,10 +201,12 @@ class FlatState:
     """Layout, replicas, counts and runs, and the `opt.state` views."""
 
     def __init__(self, params: Sequence[nn.Parameter], groups: Sequence[int], names: Sequence[str],
-                 buffer_names: Sequence[str], rule, backend: str):
+                 buffer_names: Sequence[str], rule, backend: str, plan: Optional[BufferPlan] = None,
+                 generic: bool = False):
         self.rule = rule
         self.buffer_names = tuple(buffer_names)
         self.backend = backend
+        self.plan, self.generic = plan, generic
         self._hps: Optional[List[dict]] = None
         self._pending_counts: List[int] = [0] * len(params)
         self._build(params, groups, names, keep=None)
@@ -136,7 +229,8 @@ class FlatState:
                              "move the model to one device")
         device = devices.pop()
         sn = [self._state_names(s, self._hps) for s in self.layout.slabs]
-        self.primary = Replica(self.layout, self.buffer_names, sn, _cuda.logical(device), self.backend)
+        self.primary = Replica(self.layout, self.buffer_names, sn, _cuda.logical(device), self.backend,
+                               self.plan, self.generic)
         with torch.no_grad():
             for b in self.primary.slabs:
                 b.slab.gather([p.detach() for p in self.layout.params], b.x)
@@ -323,8 +417,16 @@ class FlatState:
                 t.fill_(float(self.rows[row][1]))
 
     # ------------------------------------------------------------ replicas
-    def make_replica(self, device: torch.device, backend: Optional[str] = None) -> Replica:
+    def replan(self, plan: BufferPlan) -> None:
+        """The primary replica's buffers by another plan (kept across
+        relayouts)."""
+        self.plan = plan
+        self.primary.replan(plan)
+
+    def make_replica(self, device: torch.device, backend: Optional[str] = None,
+                     plan: Optional[BufferPlan] = None) -> Replica:
         """Buffers of the same layout on another (logical) device (values:
-        zero; the engine copies them)."""
+        zero; the engine copies them), by `plan` (default: the primary's)."""
         sn = [list(b.state) for b in self.primary.slabs]
-        return Replica(self.layout, self.buffer_names, sn, device, backend or self.backend)
+        return Replica(self.layout, self.buffer_names, sn, device, backend or self.backend,
+                       plan or self.plan, self.generic)

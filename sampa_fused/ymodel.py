@@ -1,10 +1,15 @@
-"""The y-pass runs on the user's own module: for the duration of the pass the
-module's slots of the optimized parameters hold the y leaves (views of the
-flat y buffer whose gradients land in gy_new), and its buffers are private
-copies, as `torch.func.functional_call` swaps them. Hooks, wrappers
+"""Both passes run on the user's own module with a pass buffer swapped in:
+for the duration of the y-pass the module's slots of the optimized
+parameters hold the y leaves (views of the flat y buffer whose gradients
+land in gy_new), and its buffers are private copies, as
+`torch.func.functional_call` swaps them; the x̃-pass (and SAM's perturbed
+pass) swaps in the xt leaves (views of the xt buffer, gradients in g) and
+keeps the model's buffers, so x itself is never overwritten. Hooks, wrappers
 (`model.forward` replaced after construction, accelerate's autocast),
 train/eval and frozen weights are then always the user's, and buffer updates
-of the y-pass (batch-norm statistics) are never written back.
+of the y-pass (batch-norm statistics) are never written back. Each pass leaf
+(xt or y) shares its parameter's tensor-hook dict (`p.register_hook`), so a hook on a
+parameter acts on its gradient in both passes, added or removed at any time.
 
 Engines that run the y-pass on another device keep a replica of the model
 (`ModelReplica`), synced every step.
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -74,13 +79,21 @@ def swapped(params: Sequence[Tuple[nn.Module, str, torch.Tensor]],
 
 
 class YPass:
-    """The y leaves of the optimized parameters and where they go in the
-    user's module."""
+    """The leaves of one pass buffer (y by default) of the optimized
+    parameters and where they go in the user's module.
 
-    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], buffers: PrivateBuffers):
+    `buffers`: the private buffers the pass runs with (None: the model's
+    own). `every`: swap every optimized parameter, a frozen one as a leaf
+    without grad (the x̃ point: frozen parameters are laid out at xt as
+    well); else only the trainable ones (a frozen one keeps the user's value,
+    as torch's peek would: its grad is None)."""
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], buffers: Optional[PrivateBuffers],
+                 every: bool = False):
         self.model = model
         self.params = list(params)
         self.buffers = buffers
+        self.every = every
         self.leaves: List[nn.Parameter] = []
         self._slots: List[Tuple[nn.Module, str, torch.Tensor]] = []
         self._flags: tuple = ()
@@ -104,19 +117,30 @@ class YPass:
         flags = tuple(p.requires_grad for p in self.params)
         if flags == self._flags:
             return
-        index = {id(p): i for i, p in enumerate(self.params) if p.requires_grad}
+        if self.every:
+            for leaf, f in zip(self.leaves, flags):
+                leaf.requires_grad_(f)
+        index = {id(p): i for i, p in enumerate(self.params) if p.requires_grad or self.every}
         self._slots = [(m, n, self.leaves[index[id(p)]]) for m in self.model.modules()
                        for n, p in m._parameters.items() if p is not None and id(p) in index]
         self._flags = flags
 
+    def current(self) -> List[nn.Parameter]:
+        """The leaves, their requires_grad following the parameters'."""
+        self._refresh_slots()
+        return self.leaves
+
     @contextlib.contextmanager
     def swapped_in(self):
-        """The user's module holding y and private buffers for the block."""
+        """The user's module holding the pass buffer (and the private buffers) for the block."""
         self._refresh_slots()
-        for leaf, g in zip(self.leaves, self._grads):
+        for p, leaf, g in zip(self.params, self.leaves, self._grads):
             if leaf.grad is not g:         # something dropped or replaced it: rebind
                 leaf.grad = g
-        with swapped(self._slots, self.buffers.slots()):
+            hooks = p._backward_hooks      # made on the first register_hook: share it then
+            if leaf._backward_hooks is not hooks:
+                leaf._backward_hooks = hooks
+        with swapped(self._slots, self.buffers.slots() if self.buffers is not None else ()):
             yield self.model
 
 
@@ -136,19 +160,23 @@ class ModelReplica:
         self.model, self.device, self.where = model, device, where
         self.params: List[nn.Parameter] = []
         self._follow: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._users: List[Tuple[str, nn.Parameter]] = []
 
     def rebind(self, names: Sequence[str]) -> None:
         """The replica's parameters for the optimized names (again after a relayout)."""
         named = dict(self.module.named_parameters(remove_duplicate=True))
-        try:
-            self.params = [named[n] for n in names]
-        except KeyError as e:
-            raise RuntimeError(f"parameter {e} is not in the replica of the model made at "
-                               "construction; modules added to the model later are not supported "
-                               f"by the engine that runs the y-pass {self.where}") from None
+        users = dict(self.model.named_parameters(remove_duplicate=True))
+        missing = [n for n in list(names) + list(users) if n not in named]
+        if missing:       # the user's model has grown (or a parameter was renamed) since
+            raise RuntimeError(f"parameter '{missing[0]}' is not in the replica of the model made at "
+                               "construction; modules added to the model later (and parameters "
+                               "registered under a new name) are not supported by the engine that "
+                               f"runs the y-pass {self.where}: undo the change, or build the "
+                               "optimizer again on the model as it is now")
+        self.params = [named[n] for n in names]
         ours = set(names)
-        self._follow = [(named[n], p) for n, p in self.model.named_parameters(remove_duplicate=True)
-                        if n not in ours]
+        self._users = [(n, users[n]) for n in names]
+        self._follow = [(named[n], p) for n, p in users.items() if n not in ours]
 
     def bind(self, slabs) -> None:
         with torch.no_grad():
@@ -161,6 +189,12 @@ class ModelReplica:
     def sync(self) -> None:
         """The user's current buffers, modes and other parameters (frozen, or
         trained by another optimizer) into the replica."""
+        for n, p in self._users:
+            if p is not None and p._backward_hooks:
+                raise RuntimeError(
+                    f"parameter {n} has a tensor hook (p.register_hook); the y-pass runs on a copy "
+                    f"of the model {self.where}, where the hook cannot act on its gradient. Remove "
+                    "the hook (handle.remove()), or use engine='serial' or 'streams', which honour it")
         dst, src = [], []
         for m, r in zip(self.model.modules(), self.module.modules()):
             r.training = m.training

@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # One prepared check on a GPU machine, at most 9 minutes: rebuild the
-# extension for this Python, run every test (the engine tests under the CUDA
-# sanitizer), run the benchmarks in quick mode, print one summary.
+# extension for this Python, the GPU-relevant tests (the Triton kernels, the
+# engines under the CUDA sanitizer, the training loop on CUDA), the
+# benchmarks in quick mode, one summary.
 #
-#     bash scripts/gpu-check.sh [OUTDIR]     # default bench/results/gpu-check-<device>-<date>/
+#     bash scripts/gpu-check.sh [OUTDIR]        # default bench/results/gpu-check-<device>-<date>/
+#     bash scripts/gpu-check.sh --rehearse OUTDIR   # the same on CPU, CUDA stood in for
+#     bash scripts/gpu-check.sh --plan OUTDIR       # the rehearsal's short form (CI): plan,
+#                                                   # test selection, refusals; runs no test
+#
+# A rehearsal runs the real stage plan here with torch reporting CUDA present
+# with one device (scripts/rehearse/) and Triton kernels interpreted: tests
+# that need the real GPU skip, and what fails is what the GPU machine's
+# software would fail on too. Its summary shows each stage's time against its
+# limit. scripts/stack-check.sh rehearses in a copy of the GPU machine's
+# software (Python 3.12, torch 2.11, triton 3.6).
 #
 # Exit status: 0 all stages and tests passed; 1 something failed (the summary
 # says what; benchmark targets missed do not count); 2 no CUDA device here.
@@ -15,6 +26,15 @@ set -uo pipefail
 PY=${PYTHON:-python3}
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}     # the 9 minutes count from here
 here=$(cd "$(dirname "$0")" && pwd)
+
+case "${1:-}" in
+    --rehearse|--plan)
+        if [ $# -ne 2 ]; then
+            echo "usage: bash scripts/gpu-check.sh $1 OUTDIR" >&2
+            exit 2
+        fi
+        exec "$PY" "$here/gpu_check.py" "${1#--}" "$2" ;;
+esac
 
 # Without a usable GPU nothing below means anything. The probe has its own
 # timeout: a CUDA initialisation that hangs is no usable GPU either.

@@ -16,11 +16,49 @@ fi
 # pip's status, not an abort under set -e: what failed is reported below
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
+# The repeat call: a stamp of everything the checks below depend on (this
+# python, its PYTHONPATH, the torch version, the installed distributions, the
+# build sources and the built extension). Unchanged: nothing to do, in well
+# under a second. Written only after a set-up that left nothing missing.
+STAMP=build/setup.stamp
+BUILT_FOR=build/_C.torch          # the torch version sampa_fused._C was built against
+state_key() {
+    "$PY" - "$PY" <<'EOF'
+import glob, hashlib, os, sys
+from importlib import metadata
+h = hashlib.sha256()
+def add(*parts):
+    h.update(("\0".join(map(str, parts)) + "\n").encode())
+try:
+    torch_version = metadata.version("torch")
+except metadata.PackageNotFoundError:
+    torch_version = "none"
+add(sys.argv[1], os.path.realpath(sys.executable), sys.version, os.environ.get("PYTHONPATH", ""))
+add("torch", torch_version)
+for d in sys.path:                # what is installed: the distributions' metadata folders
+    if os.path.isdir(d):
+        add(d, sorted(n for n in os.listdir(d) if n.endswith((".dist-info", ".egg-info", ".egg-link", ".pth"))))
+files = ["setup.py", "pyproject.toml", "scripts/setup.sh", "build/_C.torch"] + sorted(glob.glob("csrc/**", recursive=True))
+for f in files:
+    if os.path.isfile(f):
+        with open(f, "rb") as fh:
+            add(f, hashlib.sha256(fh.read()).hexdigest())
+for so in sorted(glob.glob("sampa_fused/_C*.so")):
+    st = os.stat(so)
+    add(so, st.st_size, st.st_mtime_ns)
+print(h.hexdigest())
+EOF
+}
+if [ "${SAMPA_REBUILD:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(state_key 2>/dev/null || true)" = "$(cat "$STAMP")" ]; then
+    say "nothing changed since the last set-up ($STAMP): done"
+    exit 0
+fi
+
 # module:package pairs. Essential: without them nothing builds or tests.
 ESSENTIAL=(numpy:numpy pytest:pytest setuptools:setuptools)
 OPTIONAL=(triton:triton==3.8.0 pytest_benchmark:pytest-benchmark tqdm:tqdm matplotlib:matplotlib
           sklearn:scikit-learn ninja:ninja wheel:wheel ruff:ruff safetensors:safetensors
-          accelerate:accelerate lightning:lightning)
+          accelerate:accelerate lightning:lightning transformers:transformers)
 purpose() {
     case $1 in
         numpy) echo "tensor conversions, the data sets and the benchmarks" ;;
@@ -34,7 +72,7 @@ purpose() {
         ninja) echo "fast extension builds (torch falls back to a slow one)" ;;
         wheel) echo "building wheels" ;;
         ruff) echo "the lint step of scripts/test.sh" ;;
-        safetensors|accelerate|lightning) echo "the tests of saving and training loops with $1 (they skip without it)" ;;
+        safetensors|accelerate|lightning|transformers) echo "the tests of saving and training loops with $1 (they skip without it)" ;;
         *) echo "?" ;;
     esac
 }
@@ -51,6 +89,7 @@ EOF
 }
 
 TORCH=torch:torch==2.13.0
+complete=1
 mapfile -t missing < <(missing_of "$TORCH" "${ESSENTIAL[@]}" "${OPTIONAL[@]}")
 if [ "${missing[0]:-}" = "$TORCH" ]; then
     if ! pip_install "${TORCH#*:}"; then
@@ -78,6 +117,7 @@ if [ ${#missing[@]} -gt 0 ]; then
             exit 1
         fi
         say "continuing without the optional ones"
+        complete=0
     fi
 fi
 
@@ -99,9 +139,17 @@ build_in_place() {
     MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace
 }
 
-if [ "${SAMPA_REBUILD:-0}" = 1 ] || ! ext_imports; then
+torch_now=$("$PY" -c 'from importlib import metadata; print(metadata.version("torch"))' 2>/dev/null || echo unknown)
+built_for=$(cat "$BUILT_FOR" 2>/dev/null || true)
+torch_changed=0
+if [ ${#built[@]} -gt 0 ] && [ -n "$built_for" ] && [ "$built_for" != "$torch_now" ]; then
+    torch_changed=1    # it may still import, and then fail at the first call into another torch's ABI
+fi
+if [ "${SAMPA_REBUILD:-0}" = 1 ] || [ $torch_changed = 1 ] || ! ext_imports; then
     if [ "${SAMPA_REBUILD:-0}" = 1 ]; then
         why="SAMPA_REBUILD=1"
+    elif [ $torch_changed = 1 ]; then
+        why="built against torch $built_for, torch is now $torch_now"
     elif [ ${#built[@]} -gt 0 ]; then
         why="${built[*]} does not import with $PY (built for another Python or torch)"
     else
@@ -121,10 +169,20 @@ if [ "${SAMPA_FUSED_BUILD:-auto}" != none ] && ! ext_imports; then
     "$PY" -c "$ext_check" 2>&1 | tail -n 3 >&2 || true
     exit 1
 fi
+mkdir -p build
+if ext_imports; then
+    # built now, or found importing with no record: it belongs to this torch
+    echo "$torch_now" > "$BUILT_FOR"
+fi
 if [ "$found" != "$here" ]; then           # the editable install may have changed it
     found=$(cd / && "$PY" -c "import os, sampa_fused; print(os.path.realpath(os.path.dirname(sampa_fused.__file__)))" 2>/dev/null || true)
 fi
 if [ "$found" != "$here" ]; then
     say "note: sampa_fused is not installed for $PY${found:+ (it finds $found)}; it imports from" \
         "$(pwd -P) when run from there (python -m pytest, scripts/*.sh) or with PYTHONPATH=$(pwd -P)"
+fi
+if [ "$complete" = 1 ]; then
+    state_key > "$STAMP" 2>/dev/null || rm -f "$STAMP"
+else
+    rm -f "$STAMP"                            # retry the missing ones next time
 fi

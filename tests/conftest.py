@@ -1,4 +1,7 @@
+import faulthandler
 import os
+import signal
+import sys
 
 import pytest
 import torch
@@ -19,3 +22,48 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# A per-test watchdog that needs no plugin, for scripts/gpu-check.sh (whose
+# machine has no pytest-timeout); inactive unless it sets the variable.
+# After WATCHDOG_S a SIGALRM fails the running test (a hang in Python code,
+# or a wait that signals interrupt); if the hang is in C and the test never
+# returns, faulthandler prints every thread's stack and ends pytest
+# WATCHDOG_KILL_S later, and the check resumes the stage after that test.
+WATCHDOG_S = float(os.environ.get("SAMPA_TEST_WATCHDOG_S") or 0)
+WATCHDOG_KILL_S = float(os.environ.get("SAMPA_TEST_WATCHDOG_KILL_S") or 10)
+
+
+class WatchdogTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise WatchdogTimeout(f"watchdog: this test ran past {WATCHDOG_S:g} s (SAMPA_TEST_WATCHDOG_S)")
+
+
+_dump = []      # where the stacks go: pytest captures fd 2 while a test runs
+
+
+def _dump_file():
+    if not _dump:
+        path = os.environ.get("SAMPA_TEST_WATCHDOG_DUMP")
+        _dump.append(open(path, "a") if path else sys.__stderr__)
+    return _dump[0]
+
+
+if WATCHDOG_S > 0 and hasattr(signal, "setitimer"):
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        out = _dump_file()
+        out.write(f"watchdog: {item.nodeid}\n")      # the last one named is the one that hung
+        out.flush()
+        faulthandler.dump_traceback_later(WATCHDOG_S + WATCHDOG_KILL_S, exit=True, file=out)
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, WATCHDOG_S)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            faulthandler.cancel_dump_traceback_later()

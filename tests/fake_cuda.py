@@ -145,11 +145,12 @@ def _merge(into: Dict[int, int], other: Dict[int, int]) -> None:
 # ---------------------------------------------------------------- graphs
 @dataclass
 class _Op:
-    kind: str            # "op" (aten) or "launch" (a Triton kernel)
+    kind: str            # "op" (aten, or a registered sampa_fused op) or "kernel" (a Triton launch
+                         # inside an op: listed, replayed by its op)
     fn: Any
     args: Any
     kwargs: Any
-    outs: Any            # recorded outputs (op) / written arg indices (launch)
+    outs: Any            # recorded outputs (op)
     mode: str            # "view", "inplace", "functional", "empty"
     name: str
 
@@ -168,7 +169,7 @@ class FakeGraph:
 
     def kernels(self) -> List[str]:
         """The Triton kernels the graph launches, in order."""
-        return [op.name for op in self.tape if op.kind == "launch"]
+        return [op.name for op in self.tape if op.kind == "kernel"]
 
     def reset(self) -> None:
         self.tape, self.captured = [], False
@@ -446,22 +447,19 @@ class FakeCuda:
     def peer_link(self, src: int, dst: int, src_stream, dst_stream, staged: bool, staging_bytes: int):
         return FakePeerLink(self, src, dst, src_stream, dst_stream, staged, staging_bytes)
 
-    def launch(self, kernel, grid, args, meta, writes) -> None:
+    def launch(self, kernel, grid, args, meta) -> None:
+        """A Triton launch runs inside one of the library's registered ops,
+        whose schema already told the tracker what it reads and writes (and
+        whose replay relaunches it): here it is only listed and run."""
         name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
+        if getattr(_local, "in_op", None) is None:
+            raise RuntimeError(f"fake_cuda: kernel {name} launched outside a registered op: the "
+                               "stand-in reads what a launch writes from its op's schema")
         stream = self.current_stream()
         cap = self._capture if (self._capture and stream.id in self._capture.members) else None
         self.launches.append((name, stream.name, cap is not None))
-        tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        seq = stream.tick()
-        written = set(writes)
-        for i, a in tensors:
-            self._touch(a, i in written, stream, seq, f"kernel {name}")
         if cap is not None:
-            for i, a in tensors:
-                if i in written:
-                    self._backup(cap, a)
-            cap.graph.tape.append(_Op("launch", kernel, (grid, tuple(args)), dict(meta), tuple(writes),
-                                      "inplace", name))
+            cap.graph.tape.append(_Op("kernel", kernel, (grid, tuple(args)), dict(meta), None, "note", name))
         with self._untracked():
             kernel[grid](*args, **meta)
 
@@ -631,10 +629,7 @@ class FakeCuda:
         # view/in-place checks apply.
         with self.on_stream(replay_stream), torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
             for op in g.tape:
-                if op.kind == "launch":
-                    grid, args = op.args
-                    self.launch(op.fn, grid, args, op.kwargs, op.outs)
-                elif op.mode in ("view", "empty"):
+                if op.kind == "kernel" or op.mode in ("view", "empty"):
                     continue
                 else:
                     # Writes to inputs happen in place; new outputs are copied
@@ -740,7 +735,14 @@ class _Tracker(TorchDispatchMode):
             rt._touch(t, True, stream, seq, op)
             if cap is not None:
                 rt._backup(cap, t)
-        out = func(*args, **kwargs)
+        # A registered op of the library: its Triton launches run inside it
+        # (what they write is what the schema says the op writes).
+        prev = getattr(_local, "in_op", None)
+        _local.in_op = op if schema.name.startswith("sampa_fused::") else prev
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            _local.in_op = prev
         mode = "view" if view else ("inplace" if writes else ("empty" if name in _EMPTY else "functional"))
         # Outputs that alias no input are new allocations (also of ops that
         # write an input, as batch norm writes its running statistics).

@@ -1,4 +1,5 @@
-"""Slow, per-parameter reference implementations of SPEC section 1, used as
+"""Slow, per-parameter reference implementations of the algorithm (README, 'Exactly what it
+computes'), used as
 ground truth. The peek and the base step are torch's own optimizer, so they
 are exact for every base optimizer by construction."""
 from __future__ import annotations

@@ -36,6 +36,9 @@ FACTORS = {2: {"all_reduce": 1.0, "reduce_scatter": 0.5, "all_gather": 0.5, "all
            4: {"all_reduce": 1.5, "reduce_scatter": 0.75, "all_gather": 0.75, "alltoall": 0.75,
                "broadcast": 1.0, "reduce": 1.0, "sendrecv": 1.0}}
 SMALL = ["-b", "8", "-e", "64K", "-f", "8", "-n", "2", "-w", "1"]
+# CPU ranks over gloo, said explicitly: on a one-GPU machine the default is
+# NCCL, which takes one GPU per rank and so refuses 2 or 4 local ranks.
+CPU = ["--device", "cpu", "--backend", "gloo"]
 STEP = ["--engine-step", "--model", "resnet8_tiny", "--batch", "8", "--steps", "2", "--rounds", "2",
         "--step-warmup", "1"]
 
@@ -76,14 +79,14 @@ def tmp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run2(tmp):
-    p, js = _bench(tmp, "n2", "--nproc", "2", "--ops", "all", *SMALL, "--plot", str(tmp / "n2.png"))
+    p, js = _bench(tmp, "n2", *CPU, "--nproc", "2", "--ops", "all", *SMALL, "--plot", str(tmp / "n2.png"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p, js
 
 
 @pytest.fixture(scope="module")
 def run4(tmp):
-    p, js = _bench(tmp, "n4", "--nproc", "4", "--ops", "all", *SMALL, "-r", "3", *STEP)
+    p, js = _bench(tmp, "n4", *CPU, "--nproc", "4", "--ops", "all", *SMALL, "-r", "3", *STEP)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p, js
 
@@ -173,7 +176,7 @@ def test_json_and_plot(run2, tmp):
 
 # ---------------------------------------------------------------- the check can fail
 def test_corrupted_result_is_counted(tmp):
-    p, js = _bench(tmp, "corrupt", "--nproc", "2", "--ops", "all_reduce,broadcast,sendrecv",
+    p, js = _bench(tmp, "corrupt", *CPU, "--nproc", "2", "--ops", "all_reduce,broadcast,sendrecv",
                    "-d", "int8", "-o", "max", "-b", "8", "-e", "4K", "-f", "8", "-n", "1",
                    "--corrupt", "1")
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
@@ -227,7 +230,7 @@ def test_engine_step_4_ranks(run4):
 def test_torchrun_launch_with_engine_step(tmp):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     js_path = tmp / "torchrun.json"
-    p = _launch([torchrun, "--standalone", "--nproc-per-node", "2", str(BENCH),
+    p = _launch([torchrun, "--standalone", "--nproc-per-node", "2", str(BENCH), *CPU,
                  "--ops", "all_reduce,reduce_scatter,sendrecv", "-d", "bfloat16", "-o", "prod",
                  "-b", "8", "-e", "4K", "-f", "8", "-n", "2", *STEP, "--json", str(js_path)])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -297,6 +300,27 @@ def test_cuda_flags_without_cuda(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_cpu_ranks_on_a_one_gpu_machine(monkeypatch, capsys):
+    """With CUDA present (one device) the default backend is NCCL, one GPU per
+    rank: 4 local ranks are refused in one line that names --device cpu, and
+    --device cpu runs them on gloo as on a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ap = bench_comm.build_parser()
+    args = ap.parse_args(["--nproc", "4", "--ops", "all_reduce"])
+    with pytest.raises(SystemExit):
+        bench_comm.finish_args(args, ap, bench_comm.uses_cuda(args))
+    assert "NCCL needs one GPU per rank" in capsys.readouterr().err
+    args = ap.parse_args(["--nproc", "4", "--ops", "all_reduce", "--device", "cpu"])
+    assert bench_comm.uses_cuda(args) is False
+    bench_comm.finish_args(args, ap, bench_comm.uses_cuda(args))
+    assert args.backend == "gloo"
+    args = ap.parse_args(["--device", "cpu", "--backend", "nccl"])
+    with pytest.raises(SystemExit):
+        bench_comm.finish_args(args, ap, bench_comm.uses_cuda(args))
+    assert "--device cpu was given" in capsys.readouterr().err
+
+
 def test_nproc_under_torchrun_is_refused(monkeypatch, capsys):
     for k, v in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
         monkeypatch.setenv(k, v)
@@ -306,7 +330,7 @@ def test_nproc_under_torchrun_is_refused(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--nproc", "2", "--ops", "broadcast", "-r", "2"], "-r/--root 2 is not a rank of this 2-rank run"),
+    ([*CPU, "--nproc", "2", "--ops", "broadcast", "-r", "2"], "-r/--root 2 is not a rank of this 2-rank run"),
     (["--ops", "sendrecv"], "sendrecv needs at least 2 ranks"),
 ])
 def test_world_errors_are_refused_before_any_rank_starts(argv, message, capsys):

@@ -1,5 +1,5 @@
 """SAMPa and SAM on the torch backend and serial engine against hand-computed
-values and the per-parameter reference of SPEC section 1."""
+values and the per-parameter reference of the algorithm (README, 'Exactly what it computes')."""
 import copy
 import io
 import math

@@ -404,10 +404,10 @@ def _scenario_drift(rank, world):
     # caller's batch object (it never runs the held batch), the x̃-rank a copy.
     opt = fresh()
     rep = opt.flat.primary
-    y0 = [b.y.clone() for b in rep.slabs]
     _steps(opt, data[:3])
-    res["roles"] = {"form": opt.engine.pre_form, "role": opt.engine.role,
-                    "y_untouched": all(torch.equal(a, b.y) for a, b in zip(y0, rep.slabs)),
+    res["roles"] = {"points": opt.engine.points, "role": opt.engine.role,
+                    "buffers": sorted(n for n in ("x", "x_save", "xt", "y")
+                                      if getattr(rep.slabs[0], n, None) is not None),
                     "held_is_batch": opt.held_batch is data[2],
                     "held_equal": all(torch.equal(a, b) for a, b in zip(opt.held_batch, data[2]))}
 
@@ -851,8 +851,9 @@ def test_parameter_changed_in_place_on_one_rank_caught_by_the_checksum(drift):
 
 def test_each_rank_forms_only_its_own_input_and_the_y_rank_keeps_no_copy(drift):
     x, y = drift[0]["roles"], drift[1]["roles"]
-    assert (x["role"], x["form"], y["role"], y["form"]) == ("x", "xt", "y", "y")
-    assert x["y_untouched"] and not y["y_untouched"]
+    assert (x["role"], x["points"], y["role"], y["points"]) == ("x", ("xt",), "y", ("y",))
+    assert "y" not in x["buffers"] and "x_save" in x["buffers"]      # xt is formed in x
+    assert "y" in y["buffers"] and "x_save" not in y["buffers"]      # x is never perturbed there
     assert not x["held_is_batch"] and x["held_equal"]
     assert y["held_is_batch"]
 
@@ -1049,34 +1050,3 @@ def test_batch_fingerprint_tells_one_changed_sample_apart():
     x3 = x.clone()
     x3[9, 1, 2, 3] += 0.5
     assert not _same_fingerprint(fp((x, y), full=True), fp((x3, y), full=True))
-
-
-@pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_pre_stage_forming_one_input_equals_forming_both(base):
-    # What an x̃-rank ("xt") and a y-rank ("y") form before their pass is
-    # bit for bit what the serial step forms, and the other buffer is left alone.
-    kw = dict(SGD if base == "sgd" else ADAMW)
-    cls_base = kw.pop("base")
-    model = make_net(True, hidden=7)           # 7 * 25 inputs: sizes off any block size
-    opt = SAMPa(model, loss_fn, cls_base, lam=0.3, **kw)
-    for b in batches(3, 9, seed=3):
-        opt.step(b)
-    rep = opt.flat.primary
-    names = ("x", "x_save", "y")
-    start = {n: [getattr(b, n).clone() for b in rep.slabs] for n in names}
-
-    def run(form):
-        for n in names:
-            for b, v in zip(rep.slabs, start[n]):
-                getattr(b, n).copy_(v)
-        opt.update.sampa_pre([rep]) if form == "both" else opt.update.sampa_pre([rep], form)
-        return {n: [getattr(b, n).clone() for b in rep.slabs] for n in names}
-    both, xt, y = run("both"), run("xt"), run("y")
-    for i in range(len(rep.slabs)):
-        assert not torch.equal(both["x"][i], start["x"][i]) and not torch.equal(both["y"][i], start["y"][i])
-        assert torch.equal(xt["x"][i], both["x"][i]) and torch.equal(xt["x_save"][i], start["x"][i])
-        assert torch.equal(xt["y"][i], start["y"][i])                 # y not formed
-        assert torch.equal(y["y"][i], both["y"][i]) and torch.equal(y["x_save"][i], start["x"][i])
-        assert torch.equal(y["x"][i], start["x"][i])                  # x stays x
-    with pytest.raises(ValueError, match="form must be"):
-        opt.update.sampa_pre([rep], "x")

@@ -6,7 +6,7 @@ from reference import SmallNet, ce_loss, make_batches
 
 from sampa_fused import SAM
 
-EPS = 1e-12     # SPEC section 1 and davda54/sam: rho / (||T g||_2 + 1e-12)
+EPS = 1e-12     # the README's algorithm and davda54/sam: rho / (||T g||_2 + 1e-12)
 
 
 def _copy_of(model):
@@ -59,7 +59,7 @@ class DavdaSAM:
                 e_ws.append(e_w)
         for p in self.params:
             p.grad = None
-        # the perturbed pass's batch-norm updates are discarded, as in the library (SPEC 1)
+        # the perturbed pass's batch-norm updates are discarded, as in the library (README)
         saved = {k: v.clone() for k, v in self.model.named_buffers()}
         ce_loss(self.model, batch).backward()
         with torch.no_grad():

@@ -322,7 +322,7 @@ def test_compare_launches_ranks_itself_and_equals_torchrun_semantics(tmp_path):
     same algorithm as SAMPa-0 on the serial engine (its ranks compute the
     same two gradients), so the accuracy matches."""
     res = _run(["compare", "--methods", "sampa-0,sampa-0@2p,sam@2p", "--seeds", "0", "--threads", "1",
-                "--out", str(tmp_path)] + TINY)
+                "--device", "cpu", "--out", str(tmp_path)] + TINY)
     s = res["summary"]
     assert (s["SAMPa-0@2p"]["engine"], s["SAMPa-0@2p"]["processes"], s["SAMPa-0@2p"]["threads"]) == \
         ("distributed", 2, 1)
@@ -337,7 +337,25 @@ def test_compare_launches_ranks_itself_and_equals_torchrun_semantics(tmp_path):
 
 def test_an_odd_process_count_for_sampa_is_refused_before_launching():
     with pytest.raises(SystemExit, match="SAMPa-0.2@3p: SAMPa needs an even number of processes"):
-        _run(["compare", "--methods", "sampa-0.2@3p", "--seeds", "0"] + TINY)
+        _run(["compare", "--methods", "sampa-0.2@3p", "--seeds", "0", "--device", "cpu"] + TINY)
+
+
+def test_cpu_ranks_on_a_cuda_machine_need_device_cpu(monkeypatch):
+    """With CUDA present --device auto is cuda, and the @Np ranks launched here
+    are CPU processes: refused in one line naming --device cpu, before any
+    data or rank; with --device cpu the launch checks pass (the odd count is
+    the next refusal)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in ([], ["--device", "cuda"]):
+        with pytest.raises(SystemExit) as e:
+            _run(["compare", "--methods", "sgd,sam@2p", "--seeds", "0"] + device + TINY)
+        msg = str(e.value.code)
+        assert msg.startswith("sampa-train: SAM@2p: ") and "\n" not in msg
+        assert "add --device cpu" in msg and "device is cuda" in msg
+        assert ("--device auto picks CUDA" in msg) == (not device)
+    with pytest.raises(SystemExit, match="SAMPa-0.2@3p: SAMPa needs an even number of processes"):
+        _run(["compare", "--methods", "sampa-0.2@3p", "--seeds", "0", "--device", "cpu"] + TINY)
 
 
 def test_lambda_sweep_plot_when_sampa_runs_with_several_ratios(tmp_path):

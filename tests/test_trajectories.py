@@ -17,7 +17,7 @@ def test_trajectory_is_kept(name):
     for k, v in want["state"].items():
         if CONFIGS[name][0] is SAM and k.startswith("bn."):
             # Recorded when SAM's perturbed pass also updated the running
-            # statistics; now only the pass at x does (SPEC 1, tested in
+            # statistics; now only the pass at x does (README, tested in
             # test_user_patterns): the parameters are unaffected.
             continue
         if v.is_floating_point():

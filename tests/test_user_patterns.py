@@ -83,7 +83,7 @@ def test_float64_parameters_keep_their_precision(base, kw):
     for b in make_batches(4):
         opt.step(b)
         ref.step(b)
-    close(model, ref_model, rtol=1e-5, atol=1e-8)   # the norm is fp32 (SPEC), summed in another order
+    close(model, ref_model, rtol=1e-5, atol=1e-8)   # the norm is fp32 (README), summed in another order
     third = SmallNet(bn=False).double()
     with torch.no_grad():
         third.temperature.fill_(1 / 3)

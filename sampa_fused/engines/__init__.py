@@ -41,13 +41,22 @@ def auto_engine(ctx) -> str:
     return "serial"
 
 
-def make_engine(name: str, ctx, **options):
+def engine_class(name: str, ctx):
+    """The engine class `name` ('auto': see auto_engine) names; `ctx` needs
+    method, params and fused. The optimizer asks it for its buffer plan
+    before it lays out its buffers."""
     if name == "auto":
         name = auto_engine(ctx)
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}: choose one of {tuple(ENGINES)} or 'auto'")
     module = importlib.import_module(f"{__name__}.{name}")
-    cls = getattr(module, ENGINES[name])
+    return getattr(module, ENGINES[name])
+
+
+def make_engine(name, ctx, **options):
+    """`name`: an engine name, 'auto', or a class from engine_class."""
+    cls = name if isinstance(name, type) else engine_class(name, ctx)
+    name = cls.name
     accepted = inspect.signature(cls.__init__).parameters
     for key in options:
         if key not in accepted:

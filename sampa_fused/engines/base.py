@@ -7,7 +7,7 @@ its options, and implements:
   model (holding xt) on the held batch, its gradient into every replica's
   `g`, and the y-pass (y swapped into the model, or a replica elsewhere) on
   the new batch, its gradient into every replica's `gy_new`. The two are
-  independent (SPEC 1 step 3). Losses stay on the device.
+  independent (the README algorithm's step 3). Losses stay on the device.
 - `gradient(batch, which, private_buffers) -> PassResult`: one pass of the
   user's model into `g` (SAM), its buffer updates discarded when
   `private_buffers`.
@@ -16,6 +16,16 @@ its options, and implements:
   identical inputs give bit-identical replicas. After `sampa_gradients`
   returns, every replica's g and gy_new hold the step's gradients, ordered
   on the streams the updates run on.
+- `buffer_plan(method)` (a classmethod, asked before the optimizer lays out
+  its buffers): which pass buffers the optimizer's replica holds
+  (state.BufferPlan). An engine that runs the x̃-pass on `ctx.x_pass()` with
+  `ctx.x_leaves()` forms the points itself with `ctx.form(points)` before
+  the pass that reads them (the serial engine: "xt", the x̃-pass, "y", the
+  y-pass, in one shared buffer). The default, `in_place`, is for an engine
+  that runs the x̃-pass on `ctx.model` with `ctx.params`: the optimizer then
+  forms both points before `sampa_gradients` and keeps x in x_save. An
+  engine whose replica needs fewer buffers than its class declared (a rank
+  with one role) narrows them in its constructor with `ctx.set_buffer_plan`.
 - `run_step(step, held, batch, structure)`: runs `step(held, batch)` (all the
   device work of one step) and returns its result; the graph engine captures
   and replays it instead.
@@ -36,6 +46,7 @@ import torch
 
 from .. import tree
 from ..passes import PassResult
+from ..state import LEGACY_PLAN, BufferPlan
 
 
 @dataclass
@@ -72,11 +83,15 @@ class Context:
     # set by the optimizer: callables
     run_pass: Callable[..., PassResult]          # (module, batch, which, leaves=..., ...) -> PassResult
     y_pass: Callable                             # context manager: the model with y swapped in
+    x_pass: Callable                             # context manager: the model with xt swapped in
+    x_leaves: Callable[[], List[torch.Tensor]]   # the xt leaves (their grads are views of g)
+    form: Callable                               # (points) -> None: xt and/or y into the pass buffers
+    set_buffer_plan: Callable                    # (BufferPlan) -> None: the optimizer's replica by this plan
     y_leaves: Callable[[], List[torch.Tensor]]   # the y leaves (their grads are views of gy_new)
     private_buffers: Callable                    # context manager: the model's buffers private
     first_step: Callable[[], bool]               # no step has succeeded yet
     rollback: Callable[[], None]                 # undo a step that raised (x and buffers)
-    make_replica: Callable                       # (device) -> Replica with the same layout
+    make_replica: Callable                       # (device, plan=None) -> Replica with the same layout
     replicate_model: Callable                    # (device) -> ModelReplica
     sync_payload: Callable                       # () -> (flat buffers, small tensors, after-sync callback)
     fingerprint: Callable[[], List[tuple]]       # [(label, description)] of layout and settings
@@ -88,6 +103,10 @@ class Engine:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+
+    @classmethod
+    def buffer_plan(cls, method: str) -> BufferPlan:
+        return LEGACY_PLAN
 
     @property
     def replicas(self) -> list:

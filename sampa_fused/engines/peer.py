@@ -1,4 +1,4 @@
-"""The peer engine: two CUDA devices in one process (SPEC section 4).
+"""The peer engine: two CUDA devices in one process (README, 'Engines').
 
     opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9,
                 engine="peer", devices=("cuda:0", "cuda:1"))
@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _cuda, tree
+from ..state import BufferPlan
 from .base import Context, Engine, Gradients, union
 from .buckets import BucketExchange
 
@@ -150,6 +151,10 @@ class PeerEngine(Engine):
         self.relayout()
 
     # ------------------------------------------------------------- set-up
+    @classmethod
+    def buffer_plan(cls, method: str) -> BufferPlan:
+        return BufferPlan(points=("xt",))           # device A runs the x̃-pass only
+
     @property
     def replicas(self) -> list:
         return [self.ctx.primary, self.replica_b]
@@ -161,12 +166,12 @@ class PeerEngine(Engine):
         for ex in self._exchanges:
             ex.close()
         with _cuda.device(b_dev):
-            self.replica_b = ctx.make_replica(b_dev)
+            self.replica_b = ctx.make_replica(b_dev, plan=BufferPlan(points=("y",)))
             self.ymodel.rebind(ctx.names)
             self.ymodel.bind(self.replica_b.slabs)
         self.sync_replicas()
         slabs = [bf.slab for bf in ctx.primary.slabs]
-        self._exchanges = [BucketExchange(ctx.params, slabs, self.bucket_bytes, self._sender("ab")),
+        self._exchanges = [BucketExchange(ctx.x_leaves(), slabs, self.bucket_bytes, self._sender("ab")),
                            BucketExchange(self.ymodel.params, slabs, self.bucket_bytes, self._sender("ba"))]
 
     def _sender(self, direction: str):
@@ -211,6 +216,7 @@ class PeerEngine(Engine):
         ca, cb = _cuda.current_stream(a), _cuda.current_stream(b)
         ex_a, ex_b = self._exchanges
         exchange, overlap = self.exchange, self.overlap
+        ctx.form(("xt", "y"))                     # xt on A, y on B: each on its current stream
         with _cuda.device(b):
             self.ymodel.sync()                    # the user's buffers and other weights, on cb
         # B's pass reads y (written by the pre-gradient update on B's current
@@ -225,9 +231,9 @@ class PeerEngine(Engine):
         arm_a = ex_a.start if exchange and overlap else None
         arm_b = ex_b.start if exchange and overlap else None
         try:
-            with _cuda.device(a):
+            with _cuda.device(a), ctx.x_pass() as model:
                 ctx.primary.zero("g")
-                x = ctx.run_pass(ctx.model, held, "x̃-pass", leaves=ctx.params, on_last_backward=arm_a)
+                x = ctx.run_pass(model, held, "x̃-pass", leaves=ctx.x_leaves(), on_last_backward=arm_a)
             with _cuda.device(b), _cuda.stream(ys):
                 batch_b = _to_device(batch, a, b, ys)
                 self.replica_b.zero("gy_new")

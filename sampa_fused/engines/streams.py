@@ -1,5 +1,5 @@
 """The streams engine: one CUDA device, the x̃-pass and the y-pass of a SAMPa
-step on two CUDA streams so that they overlap (SPEC section 4).
+step on two CUDA streams so that they overlap (README, 'Engines').
 
     SAMPa(model, loss_fn, torch.optim.SGD, engine="streams", lr=0.1, momentum=0.9)
     SAMPa(..., engine="streams", graph=True, warmup_steps=3)
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import _cuda, tree
+from ..state import BufferPlan
 from .base import Context, Gradients, union
 from .graph import GraphRunner
 from .serial import SerialEngine
@@ -61,9 +62,14 @@ class StreamsEngine(SerialEngine):
         # Also after a failed capture: streams that took part in it start clean.
         self.streams = (_cuda.Stream(self.device), _cuda.Stream(self.device))
 
+    @classmethod
+    def buffer_plan(cls, method: str) -> BufferPlan:
+        return BufferPlan(points=("xt", "y"))      # both passes at once: one buffer each
+
     def sampa_gradients(self, held, batch) -> Gradients:
         cur = _cuda.current_stream(self.device)
         sx, sy = self.streams
+        self.ctx.form(("xt", "y"))                  # on `cur`, one launch per run
         # Fork: both passes start after the pre-gradient update queued on `cur`.
         sx.wait_stream(cur)
         sy.wait_stream(cur)

@@ -7,11 +7,14 @@
 method with every seed and prints mean and standard deviation per method.
 Both print a table at the end and, with --out DIR, write DIR/results.json
 (every epoch of every run) and PNG plots of test accuracy against training
-time and against epochs, one line per method.
+time and against epochs, one line per method. DIR holds only the current
+run's files: a non-empty DIR is refused unless --overwrite, which removes an
+earlier run's results.json and plots (and refuses files it did not write).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -158,14 +161,24 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, nproc: int, port: int, method: Dict, seed: int, data, y_train, args,
-               out_path: str) -> None:
-    """One rank of a method on the distributed engine (gloo on 127.0.0.1)."""
+               out_path: str, epoch_dir: Optional[str] = None) -> None:
+    """One rank of a method on the distributed engine (gloo on 127.0.0.1).
+    Rank 0 leaves its record after every epoch in `epoch_dir` (one file per
+    epoch) for the launching process's results.json."""
     import torch.distributed as dist
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(method["threads"] or 1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc)
     try:
-        rec = train_one(method, seed, data, y_train, args, torch.device("cpu"), progress=False)
+        on_epoch = None
+        if rank == 0 and epoch_dir is not None:
+            def on_epoch(rec):
+                path = os.path.join(epoch_dir, f"epoch{len(rec['epochs']) - 1:06d}.json")
+                with open(path + ".part", "w") as f:
+                    json.dump(rec, f)
+                os.replace(path + ".part", path)       # the launcher never reads half a file
+        rec = train_one(method, seed, data, y_train, args, torch.device("cpu"), progress=False,
+                        on_epoch=on_epoch)
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(rec, f)
@@ -175,9 +188,11 @@ def _rank_main(rank: int, nproc: int, port: int, method: Dict, seed: int, data, 
         dist.destroy_process_group()
 
 
-def train_ranks(method: Dict, seed: int, data, y_train, args) -> Dict:
+def train_ranks(method: Dict, seed: int, data, y_train, args, on_epoch=None) -> Dict:
     """Launch `method['processes']` ranks on this machine, wait for them, and
-    return rank 0's record. Ctrl-C or a failing rank stops them all."""
+    return rank 0's record. `on_epoch(record)` runs here after each of rank
+    0's epochs. Ctrl-C stops the ranks and is raised again (the caller writes
+    what it has); a failing rank stops them all."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -186,25 +201,42 @@ def train_ranks(method: Dict, seed: int, data, y_train, args) -> Dict:
     rank_args.engine = "distributed"
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rank0.json")
+        epoch_dir = os.path.join(tmp, "epochs")
+        os.makedirs(epoch_dir)
+        done: List[str] = []
+
+        def epochs_so_far() -> None:
+            if on_epoch is None:
+                return
+            for name in sorted(n for n in os.listdir(epoch_dir) if n.endswith(".json")):
+                if name not in done:
+                    done.append(name)
+                    with open(os.path.join(epoch_dir, name)) as f:
+                        on_epoch(json.load(f))
         ctx = mp.start_processes(_rank_main, nprocs=nproc, join=False, start_method="spawn",
                                  args=(nproc, _free_port(), method, seed, data.to("cpu"), y_train.cpu(),
-                                       rank_args, out_path))
+                                       rank_args, out_path, epoch_dir))
         try:
-            while not ctx.join():
-                pass
+            while not ctx.join(timeout=0.2):
+                epochs_so_far()
+            epochs_so_far()
         except KeyboardInterrupt:
             for proc in ctx.processes:
                 if proc.is_alive():
                     proc.terminate()
             for proc in ctx.processes:
                 proc.join(10)
-            raise SystemExit(f"sampa-train: interrupted; stopped the {nproc} ranks of {method['label']}") \
-                from None
+            epochs_so_far()
+            raise
         except mp.ProcessRaisedException as e:
+            if "KeyboardInterrupt" in str(e):        # Ctrl-C reached a rank before this process
+                raise KeyboardInterrupt from None
             last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1]
             raise SystemExit(f"sampa-train: {method['label']} seed {seed}: rank {e.error_index} failed: "
                              f"{last}") from None
         except mp.ProcessExitedException as e:
+            if e.signal_name == "SIGINT":
+                raise KeyboardInterrupt from None
             raise SystemExit(f"sampa-train: {method['label']} seed {seed}: rank {e.error_index} exited "
                              f"with code {e.exit_code}") from None
         with open(out_path) as f:
@@ -375,8 +407,18 @@ def _curves(runs: List[Dict]):
         t = np.array([[e["train_time"] for e in r["epochs"]] for r in rs])
         epochs = [e["epoch"] for e in rs[0]["epochs"]]
         std = acc.std(0, ddof=1) if len(rs) > 1 else np.zeros(acc.shape[1])
-        out[label] = (epochs, t.mean(0), acc.mean(0), std)
+        out[curve_label(label, rs[0])] = (epochs, t.mean(0), acc.mean(0), std)
     return out
+
+
+def curve_label(method: str, run: Dict) -> str:
+    """A curve's legend entry: the method and where it ran (methods of one
+    plot differ in engine, processes and threads, so no title can say it)."""
+    def n(count, what):
+        return f"{count} {what}{'' if count == 1 else 'es' if what.endswith('s') else 's'}"
+    where = [run["engine"] or "plain torch.optim"]
+    where += [n(run.get("processes") or 1, "process"), n(run.get("threads") or 1, "thread")]
+    return f"{method} ({', '.join(where)})"
 
 
 def plot_results(runs: List[Dict], out_dir: str, title: str) -> List[str]:
@@ -412,7 +454,7 @@ def plot_results(runs: List[Dict], out_dir: str, title: str) -> List[str]:
         ax.set_title(f"{title}{band}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=100)
+        _save_figure(fig, path, dpi=100)
         plt.close(fig)
         written.append(path)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -421,7 +463,7 @@ def plot_results(runs: List[Dict], out_dir: str, title: str) -> List[str]:
     fig.suptitle(f"{title}{band}", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "comparison.png")
-    fig.savefig(path, dpi=90)
+    _save_figure(fig, path, dpi=90)
     plt.close(fig)
     written.append(path)
     lam_plot = plot_lambda_sweep(summarize(runs), out_dir, title)
@@ -459,7 +501,7 @@ def plot_lambda_sweep(summary: Dict[str, Dict], out_dir: str, title: str) -> Opt
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "accuracy_vs_lambda.png")
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -509,7 +551,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="processes for SAM and SAMPa: more than 1 runs them on the distributed "
                         "engine, ranks launched here (gloo on 127.0.0.1); a method's @<N>p overrides it")
     r.add_argument("--out", default=None, metavar="DIR",
-                   help="write DIR/results.json and the PNG plots")
+                   help="write DIR/results.json (after every epoch) and the PNG plots; DIR must be "
+                        "empty or new")
+    r.add_argument("--overwrite", action="store_true",
+                   help="--out may hold an earlier run's files: they are removed first")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -580,16 +625,41 @@ def _check_args(args) -> None:
             raise SystemExit(f"sampa-train: --device {args.device}: only {torch.cuda.device_count()} "
                              "CUDA devices")
     if args.out:
-        _check_out(args.out)
+        _check_out(args.out, getattr(args, "overwrite", False),
+                   remove=int(os.environ.get("RANK", "0")) == 0)
 
 
-def _check_out(out: str) -> None:
-    """--out must be a writable directory (made if missing), before training."""
+# What a run writes into --out: all that --overwrite removes.
+OUT_FILES = ("results.json", "accuracy_vs_time.png", "accuracy_vs_epoch.png", "comparison.png",
+             "accuracy_vs_lambda.png")
+_PROBE = ".sampa-train-write-test"
+
+
+def _check_out(out: str, overwrite: bool = False, remove: bool = True) -> None:
+    """--out must be a writable directory (made if missing), before
+    training, holding nothing of an earlier run: empty, or with --overwrite
+    only files this command writes, which are removed (by rank 0)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"sampa-train: --out {out} exists and is not a directory")
+    ours = set(OUT_FILES) | {f + ".tmp" for f in OUT_FILES} | {_PROBE}
+    present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if present and not overwrite:
+        raise SystemExit(f"sampa-train: --out {out} is not empty ({', '.join(present[:5])}"
+                         f"{', ...' if len(present) > 5 else ''}); pass --overwrite to replace an "
+                         "earlier run's files, or choose a new directory")
+    foreign = [n for n in present if n not in ours]
+    if foreign:
+        raise SystemExit(f"sampa-train: --out {out} holds files this command did not write "
+                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
+                         "--overwrite removes only an earlier run's results.json and plots: "
+                         "choose a new directory")
     try:
+        if remove:
+            for name in present:
+                if name != _PROBE:
+                    os.remove(os.path.join(out, name))
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".sampa-train-write-test")
+        probe = os.path.join(out, _PROBE)
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -598,11 +668,31 @@ def _check_out(out: str) -> None:
 
 
 def _write_json(path: str, results: Dict) -> None:
-    """Atomically: an interrupted write never leaves half a file."""
+    """Atomically: an interrupted write never leaves half a file. A failed
+    write (a full disk) ends the command in one line, leaving no temporary file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except OSError as e:
+        _write_failed(path, tmp, e)
+
+
+def _save_figure(fig, path: str, **kwargs) -> None:
+    """A figure as PNG at `path`, atomically, failing as _write_json does."""
+    tmp = path + ".tmp"
+    try:
+        fig.savefig(tmp, format="png", **kwargs)
+        os.replace(tmp, path)
+    except OSError as e:
+        _write_failed(path, tmp, e)
+
+
+def _write_failed(path: str, tmp: str, e: OSError):
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
+    raise SystemExit(f"sampa-train: cannot write {path}: {e.strerror or e}") from None
 
 
 def run_experiment(args, log=print) -> Dict:
@@ -623,10 +713,18 @@ def run_experiment(args, log=print) -> Dict:
     if len({m["label"] for m in methods}) != len(methods):
         raise SystemExit(f"sampa-train: a method is listed twice in {specs}")
     for m in methods:
-        if m["processes"] > 1 and (device.type != "cpu" or "RANK" in os.environ):
+        if m["processes"] > 1 and "RANK" in os.environ:
             raise SystemExit(f"sampa-train: {m['label']}: @Np / --nproc launch CPU ranks (gloo) from one "
-                             "process; on GPUs or under torchrun, launch with torchrun and --engine "
-                             "distributed instead")
+                             "process, not under torchrun; there, give --engine distributed instead")
+        if m["processes"] > 1 and device.type != "cpu":
+            # One line, before anything runs: --device auto picks CUDA where it
+            # is present, and the ranks launched here are CPU processes.
+            raise SystemExit(f"sampa-train: {m['label']}: @Np / --nproc launch CPU ranks (gloo), and "
+                             f"this run's device is {device}"
+                             + (" (--device auto picks CUDA where present)" if args.device == "auto"
+                                else "")
+                             + "; add --device cpu to run them as CPU processes, or on GPUs launch "
+                             "with torchrun and --engine distributed")
         if m["processes"] > 1 and m["kind"] == "sampa" and m["processes"] % 2:
             raise SystemExit(f"sampa-train: {m['label']}: SAMPa needs an even number of processes")
     seeds = [args.seed] if args.mode == "run" else args.seeds
@@ -662,40 +760,31 @@ def run_experiment(args, log=print) -> Dict:
                    "platform": platform.platform(), "cpus": os.cpu_count(),
                    "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
-    def results_now(partial: Optional[Dict] = None) -> Dict:
+    def results_now(partial: Optional[Dict] = None, interrupted: bool = False) -> Dict:
         done = runs + ([partial] if partial is not None else [])
         finished = [r for r in done if "test_acc" in r]
         return {"config": config, "environment": environment, "complete": partial is None and
-                len(runs) == len(methods) * len(seeds), "total_time": time.perf_counter() - started,
+                not interrupted and len(runs) == len(methods) * len(seeds), "interrupted": interrupted,
+                "total_time": time.perf_counter() - started,
                 "summary": summarize(finished) if finished else {}, "runs": done}
 
     path = os.path.join(args.out, "results.json") if args.out and rank0 else None
-    on_epoch = (lambda rec: _write_json(path, results_now(rec))) if path else None
-    for seed in seeds:
-        # Same noisy labels for every method of a seed: paired comparison.
-        noise_gen = torch.Generator().manual_seed(1_000_003 * seed + 1)
-        try:
-            y_train, changed = add_label_noise(data.y_train.cpu(), args.label_noise,
-                                               data.num_classes, noise_gen)
-        except ValueError as e:
-            raise SystemExit(f"sampa-train: {e}") from None
-        y_train = y_train.to(device)
-        for method in methods:
-            if method["processes"] > 1:
-                rec = train_ranks(method, seed, data, y_train, args)
-            else:
-                before = torch.get_num_threads()
-                if method["threads"]:
-                    torch.set_num_threads(method["threads"])
-                try:
-                    rec = train_one(method, seed, data, y_train, args, device, progress,
-                                    position=0 if outer.disable else 1, on_epoch=on_epoch)
-                finally:
-                    torch.set_num_threads(before)
-            rec["noisy_labels"] = int(changed.numel())
-            runs.append(rec)
-            outer.set_postfix(last=f"{rec['method']} s{seed} {rec['test_acc']:.2%}", refresh=False)
-            outer.update(1)
+    current: Dict[str, Optional[Dict]] = {"run": None}     # the run in progress, as of its last epoch
+
+    def on_epoch(rec: Dict) -> None:
+        current["run"] = rec
+        _write_json(path, results_now(rec))
+    try:
+        _train_all(seeds, methods, data, args, device, progress, outer, runs,
+                   on_epoch if path else None, current)
+    except KeyboardInterrupt:
+        outer.close()
+        if path:
+            _write_json(path, results_now(current["run"], interrupted=True))
+            raise SystemExit(f"sampa-train: interrupted; wrote {path} ({len(runs)} finished runs"
+                             f"{' and the epochs of the one in progress' if current['run'] else ''})") \
+                from None
+        raise SystemExit("sampa-train: interrupted") from None
     outer.close()
     results = results_now()
     summary = results["summary"]
@@ -708,11 +797,41 @@ def run_experiment(args, log=print) -> Dict:
     if path:
         _write_json(path, results)
         title = (f"{data.name}, {args.model}, {args.label_noise:.0%} label noise, "
-                 f"{args.epochs} epochs, lr {args.lr:g}, rho {args.rho:g}, {args.engine} engine, "
-                 f"{device.type} x{torch.get_num_threads() if device.type == 'cpu' else 1}")
+                 f"{args.epochs} epochs, lr {args.lr:g}, rho {args.rho:g}, {device.type}")
         pngs = plot_results(runs, args.out, title)
         log("wrote " + ", ".join([path] + pngs))
     return results
+
+
+def _train_all(seeds, methods, data, args, device, progress, outer, runs, on_epoch, current) -> None:
+    """Every (seed, method), appending each record to `runs`; `current`
+    holds the run in progress (for a write on Ctrl-C)."""
+    for seed in seeds:
+        # Same noisy labels for every method of a seed: paired comparison.
+        noise_gen = torch.Generator().manual_seed(1_000_003 * seed + 1)
+        try:
+            y_train, changed = add_label_noise(data.y_train.cpu(), args.label_noise,
+                                               data.num_classes, noise_gen)
+        except ValueError as e:
+            raise SystemExit(f"sampa-train: {e}") from None
+        y_train = y_train.to(device)
+        for method in methods:
+            if method["processes"] > 1:
+                rec = train_ranks(method, seed, data, y_train, args, on_epoch=on_epoch)
+            else:
+                before = torch.get_num_threads()
+                if method["threads"]:
+                    torch.set_num_threads(method["threads"])
+                try:
+                    rec = train_one(method, seed, data, y_train, args, device, progress,
+                                    position=0 if outer.disable else 1, on_epoch=on_epoch)
+                finally:
+                    torch.set_num_threads(before)
+            rec["noisy_labels"] = int(changed.numel())
+            runs.append(rec)
+            current["run"] = None
+            outer.set_postfix(last=f"{rec['method']} s{seed} {rec['test_acc']:.2%}", refresh=False)
+            outer.update(1)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

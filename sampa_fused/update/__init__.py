@@ -3,16 +3,26 @@
 One module per base optimizer holds its math (`sgd.py`, `adamw.py`: host
 scalars, the torch reference, the Triton kernels); `generic.py` runs any
 other torch optimizer through its own `step()`; `common.py` holds what they
-share. This layer does the looping, so the optimizer reads as SPEC section 1:
+share. This layer does the looping, so the optimizer reads as the README's algorithm:
 
-    sampa_pre    x_save <- x;  x <- xt = x + rho gy/(||gy|| + eps);  y <- peek(x, s, gy)
+    sampa_pre    the pass buffers: xt = x + rho gy/(||gy|| + eps) and/or y = peek(x, s, gy)
     check        losses and gradients finite, and ||gy_new||^2 (||g||^2 for SAM)
-    sampa_post   where the step is accepted: x, s <- base_step(x_save, s, (1-lam) g + lam gy_new),
-                 gy <- gy_new; else x <- x_save (nothing else moves)
-    sam_save / sam_perturb / sam_post   the same for SAM's two sequential passes
+    sampa_post   where the step is accepted: x, s <- base_step(x, s, (1-lam) g + lam gy_new),
+                 gy <- gy_new; else nothing moves
+    sam_perturb / sam_post   the same for SAM's two sequential passes
 
-Every hyperparameter is read from the device table (`table.py`), every norm
-and flag from device memory: nothing here synchronises with the host.
+x is only read until the accepted step writes it. A replica whose engine
+runs the x̃-pass on the model itself (`in_place`, see state.BufferPlan)
+keeps x in x_save for the step: `save_x` before, the update works on
+x_save, and x gets it back after the post-gradient update.
+
+Each stage is a registered op (`ops.py`); a replica holds its family of
+ops (`rep.ops`: the torch implementation or the Triton kernels, chosen once
+by its backend), so nothing here branches on the backend. Every
+hyperparameter is read from the device table (`table.py`), every norm and
+flag from device memory: nothing here synchronises with a device. A CPU
+replica decides accept-or-refuse on the host (reading a CPU flag costs
+nothing): a refused step then runs no post-gradient op at all.
 """
 from __future__ import annotations
 
@@ -22,20 +32,8 @@ import torch
 
 from .. import _cuda
 from . import adamw, sgd
-from .common import (
-    EPS,
-    clip_coef,
-    default_config,
-    mix,
-    perturbation,
-    require_triton,
-    torch_check,
-    triton,
-    triton_check,
-    triton_perturb,
-    unscaled,
-    upcast,
-)
+from .common import EPS, clip_coef, default_config, mix, require_triton, triton, unscaled, upcast
+from .ops import config_list
 from .table import LAM, OML, RHO
 
 RULES = {torch.optim.SGD: sgd, torch.optim.AdamW: adamw}
@@ -105,11 +103,12 @@ class Update:
         return self.rule.state_names(self._hps[group])
 
     # ------------------------------------------------------------ helpers
-    def _cfg(self, rep):
+    def _cfg(self, rep) -> List[int]:
+        """The Triton launch shape of `rep`'s device, as the ops take it."""
         cfg = self._cfgs.get(rep.device)
         if cfg is None:
             cfg = self._cfgs[rep.device] = default_config(rep.device)
-        return cfg
+        return config_list(cfg)
 
     def _each(self, replicas, inactive: Optional[FrozenSet[int]] = None):
         """(replica, slab buffers, run, its row, its group's flags and state views)."""
@@ -131,38 +130,36 @@ class Update:
             return sq.sqrt()
         total = torch.zeros((), dtype=torch.float32, device=rep.device)
         for b in rep.slabs:
-            total += (upcast(b.x).float() * upcast(getattr(b, name)).float()).square().sum()
+            total += (upcast(rep.x_of(b)).float() * upcast(getattr(b, name)).float()).square().sum()
         return total.sqrt()
 
     # ------------------------------------------------------------ SAMPa
-    def sampa_pre(self, replicas, form: str = "both") -> None:
-        """SPEC 1 steps 1-2 on every replica: x_save <- x, x <- xt, y <- peek.
-
-        `form`: "both"; "xt" (y not formed: a rank that runs only the
-        x̃-pass) or "y" (x stays x: a rank that runs only the y-pass). The
-        torch path then skips the other output; the Triton kernel forms both."""
-        if form not in ("both", "xt", "y"):
-            raise ValueError(f"sampa_pre: form must be 'both', 'xt' or 'y', got {form!r}")
-        norms = {}
+    def save_x(self, replicas) -> None:
+        """x_save <- x on replicas whose x̃-pass writes xt into x (in place)."""
         for rep in replicas:
-            with _cuda.on_device(rep.logical):
-                # (the Triton kernel forms xt whatever `form` says)
-                need = form != "y" or rep.backend == "triton"
-                norms[id(rep)] = self._norm(rep, "gy", rep.gy_sq) if need else None
-        for rep, b, run, sl, h, fl, state in self._each(replicas):
-            norm = norms[id(rep)]
-            if rep.backend == "triton":
-                self.rule.triton_pre(b.x[sl], b.x_save[sl], b.y[sl], b.gy[sl], state, norm, h, fl,
-                                     self._cfg(rep), self.adaptive)
-                continue
-            x = b.x[sl]
-            b.x_save[sl].copy_(x)
-            xf, gy = upcast(x), upcast(b.gy[sl])
-            if form != "xt":
-                y, _ = self.rule.step(xf, gy, {k: upcast(v) for k, v in state.items()}, h, fl)
-                b.y[sl].copy_(y)
-            if form != "y":
-                x.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
+            if rep.in_place:
+                with _cuda.on_device(rep.logical):
+                    for b in rep.slabs:
+                        b.x_save.copy_(b.x)
+
+    def sampa_pre(self, replicas, points: Sequence[str] = ("xt", "y")) -> None:
+        """README algorithm, steps 1-2 on every replica, into its pass buffers: xt <- x +
+        rho gy/(||gy|| + eps), y <- peek(x, s, gy), each where asked and held."""
+        todo = {}
+        for rep in replicas:
+            want = tuple(p for p in points if p in rep.points)
+            if rep.shared and len(want) > 1:
+                raise RuntimeError("sampa_pre: xt and y share one pass buffer on this replica; "
+                                   "form them one at a time (xt, the x̃-pass, then y)")
+            if want:
+                with _cuda.on_device(rep.logical):
+                    todo[id(rep)] = (want, self._norm(rep, "gy", rep.gy_sq) if "xt" in want else None)
+        for rep, b, run, sl, h, fl, state in self._each([r for r in replicas if id(r) in todo]):
+            want, norm = todo[id(rep)]
+            rep.ops.pre[self.rule.NAME](
+                rep.x_of(b)[sl], b.xt[sl] if "xt" in want else None, b.y[sl] if "y" in want else None,
+                b.gy[sl], list(state.values()), rep.gy_sq if norm is None else norm, h, list(fl),
+                self._first(rep, run), self.adaptive, self._cfg(rep))
 
     def check(self, replicas, losses: Sequence[torch.Tensor], grads: Sequence[str],
               sq: Optional[str], invs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -171,10 +168,9 @@ class Update:
         for rep, inv in zip(replicas, invs):
             with _cuda.on_device(rep.logical):
                 losses = [_cuda.to_device(loss.detach(), rep.logical) for loss in losses]
-                if rep.backend == "triton":
-                    out.append(triton_check(rep.slabs, losses, grads, sq, inv, rep.device, self._cfg(rep)))
-                else:
-                    out.append(torch_check(rep.slabs, losses, grads, sq, inv, rep.device))
+                squared = [getattr(b, sq) for b in rep.slabs] if sq is not None else []
+                checked = [getattr(b, n) for b in rep.slabs for n in grads if n != sq]
+                out.append(rep.ops.check(squared, checked, losses, inv, len(rep.slabs), self._cfg(rep)))
         return out
 
     def flags(self, rep, loss_ok: torch.Tensor, checks) -> torch.Tensor:
@@ -207,60 +203,61 @@ class Update:
         return clip_coef(total.sqrt(), self.max_grad_norm)
 
     def sampa_post(self, replicas, checks, invs, inactive: Optional[FrozenSet[int]] = None) -> None:
-        """SPEC 1 steps 4-6 where the step is accepted (each replica's `ok`
+        """README algorithm, steps 4-6 where the step is accepted (each replica's `ok`
         flag is read on the device); a refused step only restores x."""
-        self._post(replicas, checks, invs, inactive, mixing=True)
-        for rep, (ok, sq) in zip(replicas, checks):
+        oks = self._post(replicas, checks, invs, inactive, mixing=True)
+        for rep, (ok, sq), host_ok in zip(replicas, checks, oks):
             with _cuda.on_device(rep.logical):
-                rep.gy_sq.copy_(torch.where(ok, sq, rep.gy_sq))
+                if host_ok is None:
+                    rep.gy_sq.copy_(torch.where(ok, sq, rep.gy_sq))
+                elif host_ok:
+                    rep.gy_sq.copy_(sq)
 
-    def _post(self, replicas, checks, invs, inactive, mixing: bool) -> None:
-        by_rep = {}
+    def _post(self, replicas, checks, invs, inactive, mixing: bool) -> list:
+        """Per replica: True/False where the host decided (a CPU replica: a
+        refused step runs no op), None where the ops read the device flag."""
+        by_rep, oks = {}, []
         for rep, (ok, _), inv in zip(replicas, checks, invs):
             with _cuda.on_device(rep.logical):
-                by_rep[id(rep)] = (ok, inv, self._clip(rep, inv, mixing, inactive))
-        for rep, b, run, sl, h, fl, state in self._each(replicas, inactive):
-            ok, inv, coef = by_rep[id(rep)]
-            if not run.active:              # no gradient in either pass: as torch, untouched
-                b.x[sl].copy_(b.x_save[sl])
-                if mixing:
-                    b.gy[sl].copy_(torch.where(ok, unscaled(b.gy_new[sl], inv), upcast(b.gy[sl])))
-                continue
-            if rep.backend == "triton":
-                self.rule.triton_post(b.x[sl], b.x_save[sl], b.g[sl], b.gy_new[sl] if mixing else None,
-                                      b.gy[sl] if mixing else None, state, inv, ok, coef, h, fl,
-                                      self._cfg(rep))
-                continue
-            g = unscaled(b.g[sl], inv)
-            if mixing:
-                gy_new = unscaled(b.gy_new[sl], inv)
-                g = mix(g, gy_new, h)
-            if coef is not None:
-                g = g * coef
-            x_save = upcast(b.x_save[sl])
-            x_new, st_new = self.rule.step(x_save, g, {k: upcast(v) for k, v in state.items()}, h, fl)
-            b.x[sl].copy_(torch.where(ok, x_new, x_save))
-            for n, v in st_new.items():
-                state[n].copy_(torch.where(ok, v, upcast(state[n])))
-            if mixing:
-                b.gy[sl].copy_(torch.where(ok, gy_new, upcast(b.gy[sl])))
+                host_ok = bool(ok) if rep.logical.type == "cpu" else None
+                coef = self._clip(rep, inv, mixing, inactive) if host_ok is not False else None
+                by_rep[id(rep)] = (ok, inv, coef, -1 if host_ok is None else int(host_ok))
+                oks.append(host_ok)
+        stepping = [r for r, o in zip(replicas, oks) if o is not False]
+        for rep, b, run, sl, h, fl, state in self._each(stepping, inactive):
+            ok, inv, coef, host_ok = by_rep[id(rep)]
+            rep.ops.post[self.rule.NAME](
+                rep.x_of(b)[sl], b.g[sl], b.gy_new[sl] if mixing else None, b.gy[sl] if mixing else None,
+                list(state.values()), self._scratch(b)[sl], inv, ok, coef, h, list(fl),
+                self._first(rep, run), host_ok, run.active, self._cfg(rep))
+        self.restore_x(replicas)
+        return oks
+
+    def _scratch(self, b) -> torch.Tensor:
+        """A pass buffer, free once the passes are done: the torch ops'
+        working buffer in the post-gradient update (an in-place replica's xt
+        is x itself, which gets x_save back afterwards)."""
+        return b.xt if "xt" in b.names else b.y
+
+    def _first(self, rep, run) -> int:
+        """1/0: whether the run's state starts now, known on the host for a
+        CPU replica; -1: read from the row on the device (a CUDA graph
+        replays whatever the counts are then)."""
+        return int(self.flat.rows[run.row][1] == 0) if rep.logical.type == "cpu" else -1
 
     def restore_x(self, replicas) -> None:
-        """x <- x_save on every replica (a step that raised)."""
+        """x <- x_save on replicas whose x̃-pass wrote xt into x (after the
+        update, and for a step that raised); elsewhere x was never written."""
         for rep in replicas:
-            with _cuda.on_device(rep.logical):
-                for b in rep.slabs:
-                    b.x.copy_(b.x_save)
+            if rep.in_place:
+                with _cuda.on_device(rep.logical):
+                    for b in rep.slabs:
+                        b.x.copy_(b.x_save)
 
     # ------------------------------------------------------------ SAM
-    def sam_save(self, replicas) -> None:
-        for rep in replicas:
-            with _cuda.on_device(rep.logical):
-                for b in rep.slabs:
-                    b.x_save.copy_(b.x)
-
     def sam_perturb(self, replicas, checks, invs) -> None:
-        """x <- x + rho g / (||g|| + eps), ||g|| from the first pass's check."""
+        """The pass buffer xt <- x + rho g / (||g|| + eps), ||g|| from the
+        first pass's check."""
         norms = {}
         for rep, (_, sq), inv in zip(replicas, checks, invs):
             with _cuda.on_device(rep.logical):
@@ -268,19 +265,14 @@ class Update:
         inv_of = {id(rep): inv for rep, inv in zip(replicas, invs)}
         for rep, b, run, sl, h, fl, state in self._each(replicas):
             norm, inv = norms[id(rep)], inv_of[id(rep)]
-            if rep.backend == "triton":
-                triton_perturb(b.x[sl], b.g[sl], norm, h, self._cfg(rep), inv, self.adaptive)
-                continue
-            x, g = b.x[sl], unscaled(b.g[sl], inv)
-            xf = upcast(x)
-            x.copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
+            rep.ops.perturb(rep.x_of(b)[sl], b.xt[sl], b.g[sl], norm, inv, h, self.adaptive, self._cfg(rep))
 
     def _norm_sam(self, rep, sq, inv):
         if not self.adaptive:
             return sq.sqrt()
         total = torch.zeros((), dtype=torch.float32, device=rep.device)
         for b in rep.slabs:
-            total += (upcast(b.x).float() * unscaled(b.g, inv).float()).square().sum()
+            total += (upcast(rep.x_of(b)).float() * unscaled(b.g, inv).float()).square().sum()
         return total.sqrt()
 
     def sam_post(self, replicas, checks, invs, inactive: Optional[FrozenSet[int]] = None) -> None:

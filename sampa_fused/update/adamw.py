@@ -39,6 +39,11 @@ def state_names(hp: dict) -> List[str]:
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
 
 
+def state_order(fl: Tuple[bool, ...]) -> List[str]:
+    """The state buffers an op gets, in order, for these flags."""
+    return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if fl[0] else [])
+
+
 def uses_state(hp: dict) -> bool:
     return True
 
@@ -74,11 +79,54 @@ def step(x: torch.Tensor, g: torch.Tensor, state: Dict[str, torch.Tensor], h: to
     return x - h[STEP_SIZE] * (m / denom), new
 
 
+def _direction_(m: torch.Tensor, v: torch.Tensor, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """out <- m / (sqrt(v) / sqrt(1 - b2^t) + eps) (out may be v's scratch copy)."""
+    torch.sqrt(v, out=out)
+    out.div_(h[BC2]).add_(h[EPS_])
+    return torch.div(m, out, out=out)
+
+
+def peek_(y: torch.Tensor, x: torch.Tensor, gy: torch.Tensor, state: Dict[str, torch.Tensor],
+          h: torch.Tensor, fl: Tuple[bool, ...], first=None) -> None:
+    """y <- the step from (x, state) with gradient gy, written into y (the
+    state is only read; one temporary for the second moment)."""
+    amsgrad, maximize, weight_decay, _ = fl
+    g = torch.neg(gy) if maximize else gy
+    torch.lerp(state["exp_avg"], g, h[W], out=y)                       # m'
+    v = torch.mul(g, g).mul_(h[OMB2]).addcmul_(state["exp_avg_sq"], h[B2])   # v'
+    if amsgrad:
+        torch.maximum(state["max_exp_avg_sq"], v, out=v)
+    _direction_(y, v, v, h)
+    if weight_decay:
+        torch.mul(x, h[DECAY], out=y)
+        y.addcmul_(v, h[STEP_SIZE], value=-1)
+    else:
+        torch.addcmul(x, v, h[STEP_SIZE], value=-1, out=y)
+
+
+def apply_(x: torch.Tensor, g: torch.Tensor, scratch: torch.Tensor, state: Dict[str, torch.Tensor],
+           h: torch.Tensor, fl: Tuple[bool, ...], first=None) -> None:
+    """x, state <- one step with gradient g, in place (g is only read;
+    `scratch`, a buffer of g's size, may be g itself)."""
+    amsgrad, maximize, weight_decay, _ = fl
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    d = torch.neg(g, out=scratch) if maximize else g
+    if weight_decay:
+        x.mul_(h[DECAY])
+    m.lerp_(d, h[W])
+    sq = torch.mul(d, d, out=scratch)
+    v.mul_(h[B2]).addcmul_(sq, h[OMB2])
+    if amsgrad:
+        torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+        v = state["max_exp_avg_sq"]
+    x.addcmul_(_direction_(m, v, scratch, h), h[STEP_SIZE], value=-1)
+
+
 # ------------------------------------------------------------------ Triton
 if triton is not None:
     import triton.language as tl
 
-    from .common import post_gradient, store_pre
+    from .common import post_gradient, store_xt
 
     _DECAY, _W, _B2, _OMB2, _STEP, _BC2, _EPS = (tl.constexpr(v) for v in
                                                  (DECAY, W, B2, OMB2, STEP_SIZE, BC2, EPS_))
@@ -118,40 +166,43 @@ if triton is not None:
         return m, v, vmax
 
     @triton.jit
-    def adamw_pre_kernel(x_ptr, x_save_ptr, y_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, norm_ptr, hp_ptr,
-                         n, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+    def adamw_pre_kernel(x_ptr, xt_ptr, y_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr, norm_ptr, hp_ptr,
+                         n, XT: tl.constexpr, Y: tl.constexpr, AMSGRAD: tl.constexpr,
+                         MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          LERP_SMALL: tl.constexpr, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
-        """x_save <- x; y <- peek(x, state, gy) (state untouched); x <- xt."""
+        """The pass buffers from x (only read): xt when XT, y <- peek(x,
+        state, gy) (state untouched) when Y."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x_raw = tl.load(x_ptr + offs, mask=mask)
-        x = x_raw.to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         gy = tl.load(gy_ptr + offs, mask=mask).to(tl.float32)
-        m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
-        y, _m, _v, _vmax = _adamw_math(x, gy, m, v, vmax, hp_ptr, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
-                                       LERP_SMALL)
-        store_pre(x_ptr, x_save_ptr, y_ptr, norm_ptr, hp_ptr, offs, mask, x_raw, x, gy, y, ADAPTIVE)
+        if XT:
+            store_xt(xt_ptr, norm_ptr, hp_ptr, offs, mask, x, gy, ADAPTIVE)
+        if Y:
+            m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
+            y, _m, _v, _vmax = _adamw_math(x, gy, m, v, vmax, hp_ptr, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
+                                           LERP_SMALL)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def adamw_post_kernel(x_ptr, x_save_ptr, g_ptr, gy_new_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr,
+    def adamw_post_kernel(x_ptr, g_ptr, gy_new_ptr, gy_ptr, m_ptr, v_ptr, vmax_ptr,
                           inv_ptr, ok_ptr, coef_ptr, hp_ptr, n, MIX: tl.constexpr,
                           UNSCALE: tl.constexpr, CLIP: tl.constexpr, AMSGRAD: tl.constexpr,
                           MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, LERP_SMALL: tl.constexpr,
                           BLOCK: tl.constexpr):
-        """x, state <- step(x_save, state, g) [and gy <- gy_new] where the step
-        is accepted (*ok_ptr); else x <- x_save and nothing else is written."""
+        """x, state <- step(x, state, g) [and gy <- gy_new] where the step is
+        accepted (*ok_ptr); else nothing is written."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         ok = tl.load(ok_ptr) != 0
-        x_raw = tl.load(x_save_ptr + offs, mask=mask)
-        x = x_raw.to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         g = post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, coef_ptr, hp_ptr, offs, mask, ok,
                           MIX, UNSCALE, CLIP)
         m, v, vmax = _load_moments(m_ptr, v_ptr, vmax_ptr, offs, mask, AMSGRAD)
         x, m, v, vmax = _adamw_math(x, g, m, v, vmax, hp_ptr, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
                                     LERP_SMALL)
         upd = mask & ok
-        tl.store(x_ptr + offs, tl.where(ok, x.to(x_ptr.dtype.element_ty), x_raw), mask=mask)
+        tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=upd)
         tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=upd)
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=upd)
         if AMSGRAD:
@@ -171,16 +222,18 @@ def _meta(fl, cfg) -> dict:
                 BLOCK=cfg.block, num_warps=cfg.num_warps)
 
 
-def triton_pre(x, x_save, y, gy, state, norm, hp, fl, cfg, adaptive: bool = False) -> None:
+def triton_pre(x, xt, y, gy, state, norm, hp, fl, cfg, adaptive: bool = False) -> None:
+    """xt and/or y (None: not formed) from x, gy and the state."""
     norm = device_scalar(norm, "norm", x)
     n = x.numel()
-    if n:
+    if n and (xt is not None or y is not None):
         m, v, vmax = _moments(state, fl[0])
-        launch(adamw_pre_kernel, triton.cdiv(n, cfg.block), (x, x_save, y, gy, m, v, vmax, norm, hp, n),
-               dict(ADAPTIVE=adaptive, **_meta(fl, cfg)), writes=(0, 1, 2))
+        launch(adamw_pre_kernel, triton.cdiv(n, cfg.block),
+               (x, x if xt is None else xt, x if y is None else y, gy, m, v, vmax, norm, hp, n),
+               dict(XT=xt is not None, Y=y is not None, ADAPTIVE=adaptive, **_meta(fl, cfg)))
 
 
-def triton_post(x, x_save, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
+def triton_post(x, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> None:
     inv, coef = device_scalar(inv, "inv_scale", x), device_scalar(coef, "coef", x)
     ok = device_scalar(ok, "ok", x, torch.bool)
     n = x.numel()
@@ -188,7 +241,6 @@ def triton_post(x, x_save, g, gy_new, gy, state, inv, ok, coef, hp, fl, cfg) -> 
         m, v, vmax = _moments(state, fl[0])
         mix = gy_new is not None
         launch(adamw_post_kernel, triton.cdiv(n, cfg.block),
-               (x, x_save, g, gy_new if mix else g, gy if mix else g, m, v, vmax,
+               (x, g, gy_new if mix else g, gy if mix else g, m, v, vmax,
                 g if inv is None else inv, ok, g if coef is None else coef, hp, n),
-               dict(MIX=mix, UNSCALE=inv is not None, CLIP=coef is not None, **_meta(fl, cfg)),
-               writes=(0, 4, 5, 6, 7) if mix else (0, 5, 6, 7))
+               dict(MIX=mix, UNSCALE=inv is not None, CLIP=coef is not None, **_meta(fl, cfg)))

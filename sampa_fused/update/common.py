@@ -25,7 +25,7 @@ try:
 except ImportError:                       # the torch reference still runs
     triton = None
 
-EPS = 1e-12                               # in ||g|| + eps (SPEC 1)
+EPS = 1e-12                               # in ||g|| + eps (README algorithm)
 CLIP_EPS = 1e-6                           # in max_norm / (||g|| + eps), as clip_grad_norm_
 
 
@@ -59,13 +59,62 @@ def check_number(group: dict, key: str, where: str, value=None) -> float:
     return float(v)
 
 
+def wide(dtype: torch.dtype) -> bool:
+    """fp32 or fp64: the torch backend computes in the buffer's own dtype, in place."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def perturb_into(xt: torch.Tensor, x: torch.Tensor, g: torch.Tensor, inv: Optional[torch.Tensor],
+                 h: torch.Tensor, norm: torch.Tensor, adaptive: bool) -> None:
+    """xt <- x + rho g / (||g|| + eps) (adaptive: rho x^2 g / ...), g divided
+    by the loss scale when `inv`: written into xt, no temporary."""
+    scale = h[RHO] / (norm + EPS)
+    if inv is None and not adaptive:
+        torch.addcmul(x, g, scale, out=xt)
+        return
+    torch.mul(g, inv, out=xt) if inv is not None else xt.copy_(g)
+    if adaptive:
+        xt.mul_(x).mul_(x)
+    xt.mul_(scale).add_(x)
+
+
+def lean_check(slabs: Sequence, losses: Sequence[torch.Tensor], grads: Sequence[str],
+               sq: Optional[str], inv: Optional[torch.Tensor], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """torch_check in one reduction per buffer and no full-size temporary:
+    finiteness from the buffer's min and max (NaN propagates), the sum of
+    squares as a dot product (its own finiteness checks the squared buffer).
+    16-bit buffers and unscaling (a GradScaler) take torch_check's way."""
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for loss in losses:
+        ok &= torch.isfinite(loss.detach()).reshape(()).to(device, non_blocking=True)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for b in slabs:
+        for name in grads:
+            t = getattr(b, name)
+            if name == sq or t.numel() == 0:
+                continue
+            if wide(t.dtype):
+                lo, hi = torch.aminmax(t)
+                ok &= torch.isfinite(lo) & torch.isfinite(hi)
+            else:
+                ok &= torch.isfinite(t).all()
+        if sq is not None:
+            t = getattr(b, sq)
+            if inv is None and wide(t.dtype) and t.numel():
+                total += torch.dot(t, t).float()
+            else:
+                total += unscaled(t, inv).float().square().sum()
+    ok &= torch.isfinite(total)
+    return ok, total
+
+
 def perturbation(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """x + rho g / (||g|| + eps), rho from the row `h`, ||g|| on the device."""
     return upcast(x) + (h[RHO] / (norm + EPS)) * g
 
 
 def mix(g: torch.Tensor, gy_new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """(1 - lam) g + lam gy_new (SPEC 1 step 4)."""
+    """(1 - lam) g + lam gy_new (README algorithm, step 4)."""
     return g * h[OML] + gy_new * h[LAM]
 
 
@@ -164,9 +213,10 @@ def device_scalar(t, what: str, like, dtype=torch.float32):
     return t
 
 
-def launch(kernel, n_programs: int, args: tuple, meta: dict, writes: Sequence[int]) -> None:
-    """Every Triton launch goes through the CUDA runtime seam (see _cuda)."""
-    _cuda.launch(kernel, (n_programs,), args, meta, writes)
+def launch(kernel, n_programs: int, args: tuple, meta: dict) -> None:
+    """Every Triton launch goes through the CUDA runtime seam (see _cuda),
+    from inside a registered op (ops.py) whose schema says what it writes."""
+    _cuda.launch(kernel, (n_programs,), args, meta)
 
 
 if triton is not None:
@@ -176,18 +226,14 @@ if triton is not None:
     _OML = tl.constexpr(OML)
 
     @triton.jit
-    def store_pre(x_ptr, x_save_ptr, y_ptr, norm_ptr, hp_ptr, offs, mask, x_raw, x, gy, y,
-                  ADAPTIVE: tl.constexpr):
-        """The pre kernels' outputs: x_save <- x (bit-exact), the model's x <-
-        xt = x + rho gy / (||gy|| + eps) (adaptive: rho x^2 gy / (||x gy|| +
-        eps)) with the norm read from the device, never the host, and y <-
-        the peek."""
+    def store_xt(xt_ptr, norm_ptr, hp_ptr, offs, mask, x, gy, ADAPTIVE: tl.constexpr):
+        """The x̃ pass buffer <- xt = x + rho gy / (||gy|| + eps) (adaptive: rho
+        x^2 gy / (||x gy|| + eps)), the norm read from the device, never the
+        host. x itself is not written: the x̃-pass runs on the pass buffer."""
         scale = tl.div_rn(tl.load(hp_ptr + _RHO), tl.load(norm_ptr) + 1e-12)
         if ADAPTIVE:
             gy = gy * x * x
-        tl.store(x_save_ptr + offs, x_raw, mask=mask)
-        tl.store(x_ptr + offs, (x + scale * gy).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(xt_ptr + offs, (x + scale * gy).to(xt_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def post_gradient(g_ptr, gy_new_ptr, gy_ptr, inv_ptr, coef_ptr, hp_ptr, offs, mask, ok,
@@ -215,10 +261,10 @@ if triton is not None:
         return g
 
     @triton.jit
-    def perturb_kernel(x_ptr, g_ptr, norm_ptr, inv_ptr, hp_ptr, n, UNSCALE: tl.constexpr,
+    def perturb_kernel(x_ptr, xt_ptr, g_ptr, norm_ptr, inv_ptr, hp_ptr, n, UNSCALE: tl.constexpr,
                        ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
-        """SAM: x <- x + rho g / (||g|| + eps) (adaptive: rho x^2 g / (||x g||
-        + eps)); x_save already holds x."""
+        """SAM: the pass buffer xt <- x + rho g / (||g|| + eps) (adaptive: rho
+        x^2 g / (||x g|| + eps)); x is only read."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
@@ -228,7 +274,7 @@ if triton is not None:
         if ADAPTIVE:
             g = g * x * x
         scale = tl.div_rn(tl.load(hp_ptr + _RHO), tl.load(norm_ptr) + 1e-12)
-        tl.store(x_ptr + offs, (x + scale * g).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(xt_ptr + offs, (x + scale * g).to(xt_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def check_partials_kernel(sq_ptr, a_ptr, b_ptr, parts_ptr, inv_ptr, n, slot, n_slots,
@@ -278,14 +324,14 @@ if triton is not None:
         tl.store(ok_out_ptr, ok)
 
 
-def triton_perturb(x, g, norm, hp, cfg: KernelConfig, inv=None, adaptive: bool = False) -> None:
+def triton_perturb(x, xt, g, norm, hp, cfg: KernelConfig, inv=None, adaptive: bool = False) -> None:
     norm, inv = device_scalar(norm, "norm", x), device_scalar(inv, "inv_scale", x)
     n = x.numel()
     if n:
         launch(perturb_kernel, triton.cdiv(n, cfg.block),
-               (x, g, norm, norm if inv is None else inv, hp, n),
+               (x, xt, g, norm, norm if inv is None else inv, hp, n),
                dict(UNSCALE=inv is not None, ADAPTIVE=adaptive, BLOCK=cfg.block,
-                    num_warps=cfg.num_warps), writes=(0,))
+                    num_warps=cfg.num_warps))
 
 
 def require_triton(device: torch.device) -> None:
@@ -355,15 +401,14 @@ def triton_check(slabs: Sequence, losses: Sequence[torch.Tensor], grads: Sequenc
         launch(check_partials_kernel, nprog,
                (first, a, b, parts, inv if unscale else parts, n, slot, n_slots),
                dict(SQ=s is not None, UNSCALE=unscale, N_CHECK=len(chunk), BLOCK=cfg.reduce_block,
-                    ITERS=cfg.reduce_iters, num_warps=cfg.reduce_warps), writes=(3,))
+                    ITERS=cfg.reduce_iters, num_warps=cfg.reduce_warps))
     sq_out = torch.empty((), dtype=torch.float32, device=device)
     ok_out = torch.empty((), dtype=torch.bool, device=device)
     ls = [loss.detach().reshape(()).to(device, non_blocking=True) for loss in losses]
     l0 = ls[0] if len(ls) > 0 else sq_out
     l1 = ls[1] if len(ls) > 1 else l0
     launch(check_final_kernel, 1, (parts, n_slots, l0, l1, sq_out, ok_out),
-           dict(N_LOSS=min(len(ls), 2), BLOCK=cfg.final_block, num_warps=cfg.final_warps),
-           writes=(4, 5))
+           dict(N_LOSS=min(len(ls), 2), BLOCK=cfg.final_block, num_warps=cfg.final_warps))
     if len(ls) > 2:   # not used by the optimizer (at most two losses a check)
         ok_out = ok_out & torch.isfinite(torch.stack([v.double() for v in ls[2:]])).all()
     return ok_out, sq_out

@@ -90,26 +90,51 @@ class GenericUpdate:
             return sq.sqrt()
         total = torch.zeros((), dtype=torch.float32, device=rep.device)
         for b in rep.slabs:
-            total += (upcast(b.x).float() * unscaled(getattr(b, name), inv).float()).square().sum()
+            total += (upcast(rep.x_of(b)).float() * unscaled(getattr(b, name), inv).float()).square().sum()
         return total.sqrt()
 
     # ------------------------------------------------------------ SAMPa
-    def sampa_pre(self, replicas) -> None:
+    def save_x(self, replicas) -> None:
+        for rep in replicas:
+            if rep.in_place:
+                for b in rep.slabs:
+                    b.x_save.copy_(b.x)
+
+    def sampa_pre(self, replicas, points: Sequence[str] = ("xt", "y")) -> None:
         (rep,) = replicas
-        norm = self._norm(rep, "gy", rep.gy_sq)
+        want = [p for p in points if p in rep.points]
+        if rep.shared and len(want) > 1:
+            raise RuntimeError("sampa_pre: xt and y share one pass buffer on this replica; "
+                               "form them one at a time (xt, the x̃-pass, then y)")
+        norm = self._norm(rep, "gy", rep.gy_sq) if "xt" in want else None
+        if "y" in want:                       # first: in place, xt then overwrites x
+            self._peek(rep)
+        if "xt" in want:
+            for b, run, sl, h in self._rows(rep):
+                xf, gy = upcast(rep.x_of(b)[sl]), upcast(b.gy[sl])
+                b.xt[sl].copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
+
+    def _peek(self, rep) -> None:
+        """y <- the base optimizer's step from (x, s) with gradient gy, its
+        state left untouched: its own step() on the parameters, fed gy
+        through the y buffer (g may hold this step's x̃ gradient), then x back."""
+        params = self.flat.layout.params
+        grads = [p.grad for p in params]
         for b in rep.slabs:
-            b.x_save.copy_(b.x)
-            b.g.copy_(b.gy)
+            if not rep.in_place:
+                b.x_save.copy_(b.x)
+            b.y.copy_(b.gy)
+            b.slab.bind_grad(params, b.y)
         saved = self._snapshot()
-        self.base.step()                      # x <- y (the peek) ...
-        self._restore(saved)                  # ... with the state left untouched
-        for b in rep.slabs:
-            b.y.copy_(b.x)
-            b.x.copy_(b.x_save)
-        for b, run, sl, h in self._rows(rep):
-            x, gy = b.x[sl], upcast(b.gy[sl])
-            xf = upcast(x)
-            x.copy_(perturbation(xf, gy * xf * xf if self.adaptive else gy, h, norm))
+        try:
+            self.base.step()                  # x <- y (the peek) ...
+        finally:
+            self._restore(saved)              # ... with the state left untouched
+            for p, g in zip(params, grads):
+                p.grad = g
+            for b in rep.slabs:
+                b.y.copy_(b.x)
+                b.x.copy_(b.x_save)
 
     def flags(self, rep, loss_ok, checks):
         return torch.stack([loss_ok.reshape(()), checks[0][0].reshape(())])
@@ -141,8 +166,7 @@ class GenericUpdate:
 
     def _post(self, replicas, checks, invs, inactive, mixing: bool) -> None:
         (rep,), ((ok, sq),), (inv,) = replicas, checks, invs
-        for b in rep.slabs:
-            b.x.copy_(b.x_save)
+        self.restore_x(replicas)
         # The base optimizer steps on the host's say-so: a host read here.
         if not bool(ok):
             return
@@ -158,23 +182,20 @@ class GenericUpdate:
         self._post(replicas, checks, invs, inactive, mixing=True)
 
     def restore_x(self, replicas) -> None:
+        """x <- x_save where the x̃-pass wrote xt into x; elsewhere the peek
+        put x back itself."""
         for rep in replicas:
-            for b in rep.slabs:
-                b.x.copy_(b.x_save)
+            if rep.in_place:
+                for b in rep.slabs:
+                    b.x.copy_(b.x_save)
 
     # ------------------------------------------------------------ SAM
-    def sam_save(self, replicas) -> None:
-        for rep in replicas:
-            for b in rep.slabs:
-                b.x_save.copy_(b.x)
-
     def sam_perturb(self, replicas, checks, invs) -> None:
         (rep,), ((_, sq),), (inv,) = replicas, checks, invs
         norm = self._norm(rep, "g", sq, inv)
         for b, run, sl, h in self._rows(rep):
-            x, g = b.x[sl], unscaled(b.g[sl], inv)
-            xf = upcast(x)
-            x.copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
+            xf, g = upcast(rep.x_of(b)[sl]), unscaled(b.g[sl], inv)
+            b.xt[sl].copy_(perturbation(xf, g * xf * xf if self.adaptive else g, h, norm))
 
     def sam_post(self, replicas, checks, invs, inactive=None) -> None:
         self._post(replicas, checks, invs, inactive, mixing=False)

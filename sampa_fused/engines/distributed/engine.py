@@ -75,6 +75,7 @@ import torch.distributed as dist
 
 from ... import _cuda, tree
 from ...passes import PassResult
+from ...state import BufferPlan
 from ..base import Context, Engine, Gradients, check_one_device
 from ..buckets import BucketExchange
 from . import fingerprint
@@ -266,6 +267,12 @@ class DistributedEngine(Engine):
             self.role = "x" if self.rank < self.k else "y"
             self.data_rank, self.data_world_size = self.rank % self.k, self.k
             self.mode = "p2p" if self.k == 1 else "allreduce2"
+            if ctx.fused:
+                # A rank with one role holds and forms one point: an x̃-rank
+                # xt (in x, as the in-place layout does), no y buffer; a
+                # y-rank y only, and x is never perturbed there (no x_save).
+                ctx.set_buffer_plan(BufferPlan(points=("xt",), in_place=True) if self.role == "x"
+                                    else BufferPlan(points=("y",)))
         else:
             self.k = self.world_size
             self.role = "x"
@@ -596,8 +603,9 @@ class DistributedEngine(Engine):
         of their squares, mod 2^64: independent of summation order, so equal
         bits give equal sums whatever the thread count."""
         out, total = [], None
-        for b in self.ctx.primary.slabs:
-            flat = b.x_save
+        rep = self.ctx.primary
+        for b in rep.slabs:
+            flat = rep.x_of(b)          # x as the step found it (x_save while x holds xt)
             ints = flat.view(_INT_OF[flat.element_size()]).to(torch.int64)
             if per_param:
                 for k, v in zip(b.slab.index, b.slab.views(ints)):
@@ -743,12 +751,11 @@ class DistributedEngine(Engine):
 
     # ---------------------------------------------------------- the interface
     @property
-    def pre_form(self) -> str:
-        """What the step's first stage forms on this rank: an x̃-rank needs xt
-        only, a y-rank y only (the fused update paths skip the other)."""
-        if self.method != "SAMPa" or not self.ctx.fused or not self.exchange:
-            return "both"
-        return "xt" if self.role == "x" else "y"
+    def points(self) -> tuple:
+        """The points this rank forms: xt on an x̃-rank, y on a y-rank."""
+        if self.method != "SAMPa":
+            return ("xt",)
+        return ("xt", "y") if not self.ctx.fused else (("xt",) if self.role == "x" else ("y",))
 
     def _parts(self, batch):
         return rank_parts(batch, self.sharded_batches, self.data_rank, self.data_world_size,
@@ -787,6 +794,8 @@ class DistributedEngine(Engine):
             losses, got, outputs = self._pass(ctx.model, lambda: self._parts(held), "x̃-pass", 0,
                                               ctx.params, sizes, drift_batch=(batch,))
         else:
+            if not rep.in_place:
+                ctx.form(("y",))               # the optimizer forms points only on in-place replicas
             buffers = self._buffers.current(self._modules)
             with ctx.y_pass() as model:
                 losses, got, outputs = self._pass(model, lambda: self._parts(batch), "y-pass", 1,
