@@ -30,9 +30,10 @@ drift checks below, and rank 0's model buffers (batch-norm statistics...),
 so that evaluating the model gives the same result on every rank. The host
 reads the message once per pass (SAMPa: once per step).
 
-Each rank does its role's work only: an x̃-rank forms xt and not y, a y-rank
-y and not xt (the fused update's `form`), and a y-rank keeps a reference to
-the batch it is given, not a copy (it never runs the held batch). The update
+Each rank does its role's work only (fused base optimizers): its buffer plan
+holds one point, so an x̃-rank forms xt (in x) and neither forms nor keeps y,
+a y-rank forms y and never perturbs x (no x_save); and a y-rank keeps a
+reference to the batch it is given, not a copy (it never runs the held batch). The update
 after the exchange is the same on every rank: replicas stay bit-identical.
 
 Drift: per step the message carries a digest of every param group's
