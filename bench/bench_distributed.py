@@ -6,7 +6,14 @@ per process), small conv net:
   sampa_2ranks     SAMPa, distributed engine, 2 ranks (x̃-pass on rank 0, y-pass on rank 1)
   sampa_2ranks_no_overlap   the same, gradients sent only after backward
   sam_dp_2ranks    SAM, distributed engine, 2 ranks data-parallel, half batch each
-  fwd_bwd_1proc    one forward/backward alone (the floor for SAMPa on 2 ranks)
+  fwd_bwd_1proc    one forward/backward alone (the single-rank floor)
+  fwd_bwd_2ranks   both ranks doing one forward/backward at once, no communication:
+                   the parallel floor, which no SAMPa step on 2 ranks can beat
+                   (on a 2-core machine the two ranks slow each other down)
+  sampa_2ranks_verify1   SAMPa on 2 ranks with a parameter checksum every step
+                   (verify_every=1; the default is every 100): the drift checks' cost
+  sampa_2ranks_profile   SAMPa on 2 ranks, each stage of the step timed per rank
+                   (times not used in ratios: the timers cost a little)
 
 Each configuration runs in fresh processes; rounds interleave the
 configurations so that load from other programs on the machine spreads over
@@ -14,7 +21,7 @@ all of them. Writes JSON and a bar chart.
 
     python bench/bench_distributed.py --out bench/results/cpu-distributed.json
     python bench/bench_distributed.py --quick --json /tmp/dist.json   # 1 round, a few steps
-    python bench/bench_distributed.py --batches 8,16,32,64,128 --out bench/results/cpu-distributed-sweep.json
+    python bench/bench_distributed.py --batches 16,128 --out bench/results/cpu-distributed-sweep.json
 
 --quick runs sam_1proc and sampa_2ranks only, one round of 5 steps after 2
 warm-up steps (under 10 s on 2 CPU cores): enough to see that the script works and to
@@ -41,7 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+# --code DIR (set by --baseline for its subprocess): time that checkout's sampa_fused
+CODE = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv[:-1] else REPO
+sys.path.insert(0, CODE)
 
 CONFIGS = {
     # name: (world size, method, engine, options)
@@ -51,6 +60,9 @@ CONFIGS = {
     "sampa_2ranks_no_overlap": (2, "sampa", "distributed", {"overlap": False}),
     "sam_dp_2ranks": (2, "sam", "distributed", {}),
     "fwd_bwd_1proc": (1, "fwd_bwd", None, {}),
+    "fwd_bwd_2ranks": (2, "fwd_bwd", None, {}),
+    "sampa_2ranks_verify1": (2, "sampa", "distributed", {"verify_every": 1}),
+    "sampa_2ranks_profile": (2, "sampa", "distributed", {"profile": True}),
     # what a user of this machine would otherwise run: SAM on all cores
     "sam_1proc_allcores": (1, "sam", "serial", {"threads": "all"}),
 }
@@ -80,7 +92,8 @@ def _rank(rank, world, init_file, name, args, out_path):
     from sampa_fused import SAM, SAMPa
     try:
         _, method, engine, options = CONFIGS[name]
-        options = {k: v for k, v in options.items() if k != "threads"}
+        profile = options.get("profile", False)
+        options = {k: v for k, v in options.items() if k not in ("threads", "profile")}
         if world > 1:
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                     world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -106,7 +119,8 @@ def _rank(rank, world, init_file, name, args, out_path):
                 inner()
                 waits.append(time.perf_counter() - t)
             opt.engine._wait = timed_wait
-        times, cpu = [], []
+        stages = _profile(opt) if profile else None
+        times, cpu, per_step = [], [], []
         for i, b in enumerate(data):
             c0 = time.process_time()
             t0 = time.perf_counter()
@@ -120,8 +134,22 @@ def _rank(rank, world, init_file, name, args, out_path):
             if i >= args["warmup"]:
                 times.append(t1 - t0)
                 cpu.append(c1 - c0)
+                if stages is not None:
+                    per_step.append(dict(stages, step=t1 - t0, **{"cpu: step": c1 - c0}))
+            if stages is not None:
+                stages.clear()
         res = {"times": times, "cpu": cpu,
                "wait_ms": statistics.median(waits[-len(times):]) * 1e3 if waits else None}
+        if per_step:
+            keys = sorted({k for d in per_step for k in d})
+            prof = {k: statistics.median(d.get(k, 0.0) for d in per_step) * 1e3 for k in keys}
+            prof["other"] = statistics.median(
+                d["step"] - sum(v for k, v in d.items() if k != "step" and not k.startswith("cpu"))
+                for d in per_step) * 1e3
+            prof["cpu: other"] = statistics.median(
+                d["cpu: step"] - sum(v for k, v in d.items() if k.startswith("cpu") and k != "cpu: step")
+                for d in per_step) * 1e3
+            res["profile_ms"] = prof
         if opt is not None:
             res["params"] = sum(p.numel() for p in model.parameters())
             res["stats"] = dict(getattr(opt.engine, "stats", {}))
@@ -132,6 +160,43 @@ def _rank(rank, world, init_file, name, args, out_path):
         res = {"error": traceback.format_exc()}
     torch.save(res, f"{out_path}.{rank}")
     os._exit(0)
+
+
+def _profile(opt) -> dict:
+    """Time each stage of a step on this rank (wrapping the optimizer's
+    and engine's methods): stage -> seconds in the current step."""
+    stages: dict = {}
+    eng, upd = opt.engine, opt.update
+
+    def wrap(obj, attr, label):
+        inner = getattr(obj, attr, None)
+        if inner is None:
+            return
+
+        def timed(*a, **k):
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                return inner(*a, **k)
+            finally:
+                stages[label] = stages.get(label, 0.0) + time.perf_counter() - t
+                cpu = f"cpu: {label}"
+                stages[cpu] = stages.get(cpu, 0.0) + time.process_time() - c
+        setattr(obj, attr, timed)
+    for attr in ("sampa_pre", "sam_save", "sam_perturb"):
+        wrap(upd, attr, "update: before the passes")
+    for attr in ("check", "sampa_post", "sam_post", "finite", "flags"):
+        wrap(upd, attr, "update: check and after the exchange")
+    wrap(eng.ctx, "run_pass", "forward/backward (bucket sends included)")
+    wrap(eng, "_drift", "drift values (batch fingerprint, checksum, hyperparameter digests)")
+    wrap(eng, "_send_message", "message send")
+    wrap(eng, "_wait", "exchange wait")
+    wrap(eng, "_read", "host read of the message")
+    wrap(eng, "_check_status", "status and drift checks")
+    wrap(eng, "_take_buffers", "model buffers from rank 0")
+    wrap(eng, "_check_batch", "batch validation")
+    wrap(opt, "_end", "step end (host read of the flags, bookkeeping, held batch)")
+    wrap(opt, "_begin", "step begin (hyperparameters, layout checks)")
+    return stages
 
 
 def run_config(name: str, args: dict, ctx) -> dict:
@@ -154,6 +219,9 @@ def run_config(name: str, args: dict, ctx) -> dict:
     res = dict(ranks[0])                       # ranks step in lockstep: rank 0's wall times
     res["cpu"] = [r["cpu"] for r in ranks]
     res["wait_ms"] = [r["wait_ms"] for r in ranks]
+    if "profile_ms" in res:
+        res["profile_ms_by_rank"] = [r.get("profile_ms") for r in ranks]
+        del res["profile_ms"]
     return res
 
 
@@ -216,11 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON path")
     ap.add_argument("--json", default=None, metavar="PATH", help="JSON path (overrides --out)")
     ap.add_argument("--chart", default=None, help="PNG path (default: next to the JSON)")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time sampa_2ranks and sam_dp_2ranks with the sampa_fused of another "
+                         "checkout (e.g. /work/main), in the same interleaved rounds "
+                         "(configs sampa_2ranks@baseline, sam_dp_2ranks@baseline)")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="redraw a sweep's plot from its JSON")
+    ap.add_argument("--code", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     return ap
 
 
 def plan(a) -> dict:
-    base = QUICK if a.quick else FULL
+    base = QUICK if a.quick else dict(FULL, configs=SWEEP_CONFIGS) if a.batches else FULL
     pick = lambda k: getattr(a, k) if getattr(a, k) is not None else base[k]  # noqa: E731
     return {k: pick(k) for k in ("steps", "warmup", "rounds", "configs")}
 
@@ -235,10 +310,12 @@ def targets(result: dict) -> dict:
     return {"sampa_2ranks_vs_sam_1proc": t}
 
 
-SWEEP_TARGETS = {   # batch: (SAMPa 2 ranks / one fwd-bwd, SAMPa 2 ranks / SAM data-parallel 2 ranks)
-    16: (1.25, 0.65),
-    128: (1.12, 1.0),
+SWEEP_TARGETS = {   # batch: (SAMPa 2 ranks / the parallel floor, SAMPa 2 ranks / SAM data-parallel 2 ranks)
+    16: (1.15, 0.8),
+    128: (1.08, 1.0),
 }
+SWEEP_CONFIGS = ("sam_1proc,sampa_2ranks,sam_dp_2ranks,fwd_bwd_1proc,fwd_bwd_2ranks,"
+                 "sampa_2ranks_verify1,sampa_2ranks_profile")
 
 
 def sweep(a, ap, batches) -> dict:
@@ -254,8 +331,16 @@ def sweep(a, ap, batches) -> dict:
         c = r["configs"]
         med = {n: c[n]["median_ms"] for n in c}
         ratios[b] = {
+            "sampa_2ranks_vs_fwd_bwd_2ranks": med.get("sampa_2ranks", 0) / med["fwd_bwd_2ranks"]
+            if "fwd_bwd_2ranks" in med else None,
             "sampa_2ranks_vs_fwd_bwd_1proc": med.get("sampa_2ranks", 0) / med["fwd_bwd_1proc"]
             if "fwd_bwd_1proc" in med else None,
+            "fwd_bwd_2ranks_vs_fwd_bwd_1proc": med["fwd_bwd_2ranks"] / med["fwd_bwd_1proc"]
+            if "fwd_bwd_2ranks" in med and "fwd_bwd_1proc" in med else None,
+            "fwd_bwd_2ranks_vs_sam_dp_2ranks": med["fwd_bwd_2ranks"] / med["sam_dp_2ranks"]
+            if "fwd_bwd_2ranks" in med and "sam_dp_2ranks" in med else None,
+            "sampa_2ranks_verify1_vs_sampa_2ranks": med["sampa_2ranks_verify1"] / med["sampa_2ranks"]
+            if "sampa_2ranks_verify1" in med and "sampa_2ranks" in med else None,
             "sampa_2ranks_vs_sam_dp_2ranks": med.get("sampa_2ranks", 0) / med["sam_dp_2ranks"]
             if "sam_dp_2ranks" in med else None,
             "sampa_2ranks_vs_sam_1proc": r.get("ratios_vs_sam_1proc", {}).get("sampa_2ranks"),
@@ -263,50 +348,122 @@ def sweep(a, ap, batches) -> dict:
             if "sam_1proc_allcores" in med else None,
             "median_ms": med,
         }
+        # CPU time of the busiest rank per step: the work, which contention
+        # from other programs inflates less than wall time
+        cpu = {n: max(c[n]["cpu_ms_per_step_by_rank"]) for n in c}
+        ratios[b]["cpu_ms_busiest_rank"] = cpu
+        for num, den in (("sampa_2ranks", "fwd_bwd_2ranks"), ("sampa_2ranks", "sam_dp_2ranks"),
+                         ("sampa_2ranks@baseline", "fwd_bwd_2ranks"),
+                         ("sampa_2ranks@baseline", "sam_dp_2ranks@baseline"),
+                         ("sampa_2ranks", "sampa_2ranks@baseline")):
+            if num in med and den in med:
+                ratios[b][f"{num}_vs_{den}"] = med[num] / med[den]
+                ratios[b][f"cpu_{num}_vs_{den}"] = cpu[num] / cpu[den]
     targets = {}
     for b, (fb, dp) in SWEEP_TARGETS.items():
         if b not in ratios:
             continue
-        for key, goal in (("sampa_2ranks_vs_fwd_bwd_1proc", fb), ("sampa_2ranks_vs_sam_dp_2ranks", dp)):
+        for key, goal in (("sampa_2ranks_vs_fwd_bwd_2ranks", fb), ("sampa_2ranks_vs_sam_dp_2ranks", dp)):
             v = ratios[b][key]
             targets[f"batch{b}_{key}"] = {"value": v, "goal": goal, "cmp": "<=",
                                          "met": None if v is None else bool(v <= goal)}
     result = {"benchmark": "distributed engine, CPU, batch sweep", "device_name": "cpu",
               "torch": torch.__version__, "batches": batches, "ratios": ratios, "targets": targets,
-              "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+              "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg(),
+                          "loadavg_by_batch": {str(b): r["machine"]["loadavg_start"] for b, r in per.items()},
+                          "loadavg_by_round": {str(b): r["machine"]["loadavg_by_round"]
+                                               for b, r in per.items()}},
+              "profile_ms_by_rank": {str(b): r["configs"].get("sampa_2ranks_profile", {})
+                                     .get("profile_ms_by_rank") for b, r in per.items()},
+              "command": "python bench/bench_distributed.py " + " ".join(sys.argv[1:]),
               "runs": {str(b): r for b, r in per.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({"ratios": {b: {k: v for k, v in r.items() if k != "median_ms"}
+    print(json.dumps({"ratios": {b: {k: v for k, v in r.items() if k not in ("median_ms", "cpu_ms_busiest_rank")}
                                  for b, r in ratios.items()}, "targets": targets}, indent=2))
+    sweep_chart(result, a.chart or os.path.splitext(out)[0] + ".png")
+    return result
+
+
+def sweep_chart(result: dict, path: str) -> None:
+    """The ratios against batch size, the targets as short bars of the
+    same colour (python bench/bench_distributed.py --replot JSON redraws it)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return result
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("sampa_2ranks_vs_fwd_bwd_1proc", "SAMPa 2 ranks / one forward-backward"),
-                       ("sampa_2ranks_vs_sam_dp_2ranks", "SAMPa 2 ranks / SAM data-parallel 2 ranks"),
-                       ("sampa_2ranks_vs_sam_1proc", "SAMPa 2 ranks / SAM 1 process 1 thread"),
-                       ("sampa_2ranks_vs_sam_1proc_allcores", "SAMPa 2 ranks / SAM 1 process all cores")):
-        xs = [b for b in batches if ratios[b][key] is not None]
-        ax.plot(xs, [ratios[b][key] for b in xs], marker="o", label=label)
+        return
+    ratios = {int(b): r for b, r in result["ratios"].items()}
+    batches = sorted(ratios)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    lines = (("sampa_2ranks_vs_fwd_bwd_2ranks", "SAMPa 2 ranks / parallel floor (2 ranks, 1 fwd-bwd each)", 0),
+             ("sampa_2ranks_vs_sam_dp_2ranks", "SAMPa 2 ranks / SAM data-parallel 2 ranks", 1),
+             ("sampa_2ranks@baseline_vs_fwd_bwd_2ranks", "baseline SAMPa 2 ranks / parallel floor", 0),
+             ("sampa_2ranks@baseline_vs_sam_dp_2ranks@baseline", "baseline SAMPa / baseline SAM-DP", 1),
+             ("sampa_2ranks_vs_fwd_bwd_1proc", "SAMPa 2 ranks / one forward-backward", None),
+             ("sampa_2ranks_vs_sam_1proc", "SAMPa 2 ranks / SAM 1 process 1 thread", None),
+             ("sampa_2ranks_vs_sam_1proc_allcores", "SAMPa 2 ranks / SAM 1 process all cores", None))
+    colors = {0: "C0", 1: "C1"}
+    extra = iter(["C2", "C3", "C4"])
+    for key, label, target in lines:
+        xs = [b for b in batches if ratios[b].get(key) is not None]
+        if not xs:
+            continue
+        dashed = "@baseline" in key
+        color = colors[target] if target is not None else next(extra)
+        ax.plot(xs, [ratios[b][key] for b in xs], marker="o", label=label, color=color,
+                ls="--" if dashed else "-", alpha=0.6 if dashed else 1.0)
     ax.axhline(1.0, color="grey", lw=0.8)
+    for b, goals in SWEEP_TARGETS.items():
+        if b in ratios:
+            for goal, target in zip(goals, (0, 1)):
+                ax.plot([b], [goal], marker="_", ms=22, mew=3, color=colors[target])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("ratio of median step times")
-    ax.set_title("CPU, gloo loopback, 1 thread per process (SAM all-cores: every core)")
-    ax.legend(fontsize=8)
+    la = result["machine"]["loadavg_by_batch"]
+    ax.set_title("CPU, gloo loopback, 1 thread per process; targets: thick bars (same colour)\n"
+                 f"load average {', '.join(f'{v[0]:.1f}' for v in la.values())} at the start of "
+                 f"each batch size; {result['machine']['cpus']} cores", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(a.chart or os.path.splitext(out)[0] + ".png", dpi=120)
-    return result
+    fig.savefig(path, dpi=120)
+
+
+def _baseline(name: str, args: dict, code: str) -> dict:
+    """One configuration with another checkout's sampa_fused, in a fresh
+    interpreter (this one has imported ours)."""
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--code", code, "--run-one", name,
+               "--batch", str(args["batch"]), "--width", str(args["width"]), "--steps",
+               str(args["steps"]), "--warmup", str(args["warmup"]), "--json", out]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, PYTHONPATH=code))
+        if p.returncode != 0:
+            raise RuntimeError(f"{name}@baseline failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
 
 
 def main(argv=None):
     ap = build_parser()
     a = ap.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as f:
+            sweep_chart(json.load(f), a.chart or os.path.splitext(a.replot)[0] + ".png")
+        return None
+    if a.run_one:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused"])
+        args = {"batch": a.batch, "width": a.width, "steps": a.steps, "warmup": a.warmup}
+        res = run_config(a.run_one, args, ctx)
+        with open(a.json, "w") as f:
+            json.dump({k: res[k] for k in ("times", "cpu", "wait_ms")}, f)
+        return res
     if a.batches:
         try:
             batches = [int(b) for b in a.batches.split(",")]
@@ -330,8 +487,10 @@ def run_once(a, ap) -> dict:
     a.rounds = pl["rounds"]
     args = {"batch": a.batch, "width": a.width, "steps": pl["steps"], "warmup": pl["warmup"]}
     names = pl["configs"].split(",")
+    if a.baseline:
+        names += [f"{n}@baseline" for n in ("sampa_2ranks", "sam_dp_2ranks")]
     for n in names:
-        if n not in CONFIGS:
+        if n.split("@")[0] not in CONFIGS:
             ap.error(f"unknown config {n!r}; choose from {list(CONFIGS)}")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused"])
@@ -341,9 +500,12 @@ def run_once(a, ap) -> dict:
     waits = {n: [] for n in names}
     rounds = {n: [] for n in names}
     extra = {}
+    load_rounds = []
     for r in range(a.rounds):
+        load_rounds.append(os.getloadavg())
         for n in names[r % len(names):] + names[:r % len(names)]:   # rotate: no fixed position
-            res = run_config(n, args, ctx)
+            res = (_baseline(n.split("@")[0], args, a.baseline) if n.endswith("@baseline")
+                   else run_config(n, args, ctx))
             times[n] += res["times"]
             cpu[n].append(res["cpu"])
             waits[n].append(res["wait_ms"])
@@ -355,7 +517,7 @@ def run_once(a, ap) -> dict:
         s = summarize(times[n])
         s["round_medians_ms"] = rounds[n]
         s["min_round_median_ms"] = min(rounds[n])
-        world = CONFIGS[n][0]
+        world = CONFIGS[n.split("@")[0]][0]
         if waits[n] and waits[n][0][0] is not None:
             s["end_of_pass_wait_ms_by_rank"] = [statistics.median(rnd[r] for rnd in waits[n])
                                                 for r in range(world)]
@@ -376,6 +538,7 @@ def run_once(a, ap) -> dict:
         "quick": a.quick,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+                    "loadavg_by_round": load_rounds,
                     "note": "wall times; the 2-rank runs need 2 free cores, and this machine's 2 "
                             "cores are shared with other programs (see loadavg): cpu_ms_per_step_rank0 "
                             "is the CPU time rank 0 spent per step (its own work, gloo threads "

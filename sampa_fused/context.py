@@ -34,7 +34,8 @@ def build(opt) -> Context:
                    private_buffers=call("_private_buffers"), y_pass=call("_y_pass"),
                    y_leaves=call("_y_leaves"), x_pass=call("_x_pass"), x_leaves=call("_x_leaves"),
                    form=call("_form"), set_buffer_plan=call("_set_buffer_plan"),
-                   sync_payload=lambda: sync_payload(me()), fingerprint=lambda: fingerprint(me()))
+                   sync_payload=lambda: sync_payload(me()), fingerprint=lambda: fingerprint(me()),
+                   param_groups=lambda: me().param_groups)
 
 
 def sync_payload(opt):

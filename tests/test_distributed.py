@@ -340,6 +340,88 @@ def _scenario_errors(rank, world):
     return res
 
 
+def _scenario_drift(rank, world):
+    """Replicas drifting apart the ways a user makes them: each must raise
+    on every rank at the step it happens (or, for parameters changed in
+    place, at the next checksum), refuse that step, and train on once fixed."""
+    res = {}
+    data = batches(6, 12, seed=41)
+    other = batches(6, 12, seed=42)
+
+    def fresh(method="sampa", **kw):
+        cls, extra = (SAMPa, {"lam": 0.3}) if method == "sampa" else (SAM, {})
+        return cls(make_net(True), loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9, engine="distributed",
+                   timeout=15, **extra, **kw)
+
+    def case(name, opt, break_it, fix_it, k=2):
+        log = _steps(opt, data[:k])
+        break_it(opt)
+        before = replica(opt)
+        log += _steps(opt, data[k:k + 1])
+        res[name] = {"log": log, "unchanged": torch.equal(before, replica(opt))}
+        fix_it(opt)
+        res[name]["after"] = _steps(opt, data[k + 1:k + 3])
+        res[name]["replica"] = replica(opt)
+
+    def nothing(opt):
+        pass
+
+    # a scheduler stepped on rank 0 only; then on rank 1 too
+    for method in ("sampa", "sam"):
+        opt = fresh(method)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        case(f"scheduler_{method}", opt, lambda o: rank == 0 and sched.step(),
+             lambda o: rank == 1 and sched.step())
+
+    def edit(key, who, value):
+        def f(o):
+            if rank == who:
+                o.param_groups[-1][key] = value
+        return f
+
+    opt = fresh()
+    case("lam", opt, edit("lam", 1, 0.5), edit("lam", 1, 0.3))
+    opt = fresh()
+    case("rho", opt, edit("rho", 0, 0.2), edit("rho", 0, 0.05))
+
+    # model.load_state_dict on rank 0 only; then on rank 1 too
+    opt = fresh()
+    _steps(opt, data[:1])
+    sd = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in opt.model.state_dict().items()}
+    case("model_load", opt, lambda o: rank == 0 and o.model.load_state_dict(sd),
+         lambda o: rank == 1 and o.model.load_state_dict(sd), k=1)
+
+    # a parameter changed in place on rank 0 (no hook sees it): the checksum
+    # every verify_every steps does
+    opt = fresh(verify_every=3)
+    log = _steps(opt, data[:1])
+    if rank == 0:
+        with torch.no_grad():
+            opt.model.fc.weight[0, 0] += 1e-3
+    res["in_place"] = log + _steps(opt, data[1:4])
+
+    # Each rank forms only its own pass's input; the y-rank holds the
+    # caller's batch object (it never runs the held batch), the x̃-rank a copy.
+    opt = fresh()
+    rep = opt.flat.primary
+    _steps(opt, data[:3])
+    res["roles"] = {"points": opt.engine.points, "role": opt.engine.role,
+                    "buffers": sorted(n for n in ("x", "x_save", "xt", "y")
+                                      if getattr(rep.slabs[0], n, None) is not None),
+                    "held_is_batch": opt.held_batch is data[2],
+                    "held_equal": all(torch.equal(a, b) for a, b in zip(opt.held_batch, data[2]))}
+
+    # two ranks given different batches of the same size
+    for method in ("sampa", "sam"):
+        opt = fresh(method)
+        log = _steps(opt, data[:2])
+        before = replica(opt)
+        log += _steps(opt, [data[2] if rank == 0 else other[2]])
+        res[f"batch_{method}"] = {"log": log, "unchanged": torch.equal(before, replica(opt)),
+                                  "after": _steps(opt, data[3:5]), "replica": replica(opt)}
+    return res
+
+
 class Cache(nn.Module):
     """A buffer that grows with the input in forward (a positional-cache
     pattern): only the ranks running the user's model grow it."""
@@ -447,7 +529,7 @@ def _worker(rank, world, init_file, out_dir, scenario, args):
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
         scenarios = {"main": _scenario_main, "failure": _scenario_failure,
                      "bad_loss": _scenario_bad_loss, "errors": _scenario_errors,
-                     "replicas": _scenario_replicas}
+                     "replicas": _scenario_replicas, "drift": _scenario_drift}
         res = scenarios[scenario](rank, world, *args)
     except BaseException:  # noqa: BLE001 - reported to the parent
         res = {"worker_error": traceback.format_exc()}
@@ -720,6 +802,67 @@ def test_sharded_batch_error_on_one_rank_raises_on_every_rank(errors):
         assert torch.equal(res["sharded_small_replica"], errors[0]["sharded_small_replica"])
 
 
+# ------------------------------------------------ drift between replicas
+@pytest.fixture(scope="module")
+def drift():
+    return launch(2, "drift", deadline=120.0)
+
+
+def _refused_everywhere(drift, name, *needles):
+    for res in drift:
+        r = res[name]
+        assert r["log"][:-1] == ["ok"] * (len(r["log"]) - 1), r["log"]
+        assert r["log"][-1] != "ok", f"{name}: the replicas drifted apart unseen"
+        kind, _, msg = r["log"][-1]
+        assert kind == "RuntimeError" and "drifted apart" in msg, msg
+        for n in needles:
+            assert n in msg, msg
+        assert r["unchanged"]                        # the step was refused
+        assert r["after"] == ["ok", "ok"], r["after"]
+        assert torch.equal(r["replica"], drift[0][name]["replica"])
+
+
+@pytest.mark.parametrize("method", ["sampa", "sam"])
+def test_scheduler_stepped_on_one_rank_raises_on_every_rank(drift, method):
+    _refused_everywhere(drift, f"scheduler_{method}", "param group 0", "lr=0.05", "rank 1 has lr=0.1")
+
+
+def test_lam_edited_on_one_rank_raises_on_every_rank(drift):
+    _refused_everywhere(drift, "lam", "lam=0.3", "rank 1 has lam=0.5")
+
+
+def test_rho_edited_on_one_rank_raises_on_every_rank(drift):
+    _refused_everywhere(drift, "rho", "rho=0.2", "rank 1 has rho=0.05")
+
+
+def test_model_loaded_on_one_rank_raises_on_every_rank(drift):
+    _refused_everywhere(drift, "model_load", "parameters of rank 1 differ", "conv.weight",
+                        "model.load_state_dict ran on rank 0")
+
+
+def test_parameter_changed_in_place_on_one_rank_caught_by_the_checksum(drift):
+    for res in drift:
+        log = res["in_place"]
+        assert log[:2] == ["ok", "ok"], log           # steps 1 and 2: no checksum due
+        assert "ok" not in log[2:], "the changed parameter went unseen"
+        for kind, _, msg in log[2:]:                   # step 3, and every step after, until fixed
+            assert kind == "RuntimeError" and "fc.weight" in msg and "conv.weight" not in msg, msg
+
+
+def test_each_rank_forms_only_its_own_input_and_the_y_rank_keeps_no_copy(drift):
+    x, y = drift[0]["roles"], drift[1]["roles"]
+    assert (x["role"], x["points"], y["role"], y["points"]) == ("x", ("xt",), "y", ("y",))
+    assert "y" not in x["buffers"] and "x_save" in x["buffers"]      # xt is formed in x
+    assert "y" in y["buffers"] and "x_save" not in y["buffers"]      # x is never perturbed there
+    assert not x["held_is_batch"] and x["held_equal"]
+    assert y["held_is_batch"]
+
+
+@pytest.mark.parametrize("method", ["sampa", "sam"])
+def test_different_batches_of_one_size_raise_on_every_rank(drift, method):
+    _refused_everywhere(drift, f"batch_{method}", "rank 0 and rank 1 were given different batches")
+
+
 # ------------------------------------------------ replicas and resources
 @pytest.fixture(scope="module")
 def replicas():
@@ -878,3 +1021,32 @@ def test_option_validation():
     with pytest.raises(ValueError, match="bucket_bytes"):
         SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, engine="distributed", bucket_bytes=0)
     assert DEFAULT_TIMEOUT_S > 0
+
+
+def test_batch_fingerprint_tells_one_changed_sample_apart():
+    # The per-step fingerprint samples large tensors; every sample of the
+    # batch must still count, and the label tensor (small) is taken whole.
+    from types import SimpleNamespace
+
+    from sampa_fused.engines.distributed.engine import DistributedEngine, _same_fingerprint
+    me = SimpleNamespace(device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(128, 3, 32, 32, generator=g), torch.randint(0, 10, (128,), generator=g)
+
+    def fp(batch, full=False):
+        return DistributedEngine._batch_fingerprint(me, batch, full).tolist()
+    base = fp((x, y))
+    assert _same_fingerprint(base, fp((x.clone(), y.clone())))
+    for i in (0, 57, 127):
+        x2 = x.clone()
+        x2[i] = torch.randn(3, 32, 32, generator=g)
+        assert not _same_fingerprint(base, fp((x2, y))), i
+    y2 = y.clone()
+    y2[3] = (y2[3] + 1) % 10
+    assert not _same_fingerprint(base, fp((x, y2)))
+    assert not _same_fingerprint(base, fp((y, x)))                     # order counts
+    assert not _same_fingerprint(base, fp((x[torch.randperm(128, generator=g)], y)))
+    # every element on checksum steps: one changed pixel shows
+    x3 = x.clone()
+    x3[9, 1, 2, 3] += 0.5
+    assert not _same_fingerprint(fp((x, y), full=True), fp((x3, y), full=True))

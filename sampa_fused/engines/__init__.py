@@ -15,7 +15,7 @@ ENGINES = {"serial": "SerialEngine", "streams": "StreamsEngine", "peer": "PeerEn
 
 # Keyword arguments of SAMPa/SAM that go to the engine rather than the base optimizer.
 ENGINE_OPTIONS = ("devices", "graph", "warmup_steps", "process_group", "sharded_batches",
-                  "timeout", "bucket_bytes", "overlap", "staged")
+                  "timeout", "bucket_bytes", "overlap", "staged", "verify_every")
 
 
 def auto_engine(ctx) -> str:

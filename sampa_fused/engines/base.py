@@ -95,6 +95,7 @@ class Context:
     replicate_model: Callable                    # (device) -> ModelReplica
     sync_payload: Callable                       # () -> (flat buffers, small tensors, after-sync callback)
     fingerprint: Callable[[], List[tuple]]       # [(label, description)] of layout and settings
+    param_groups: Callable[[], List[dict]]       # the optimizer's param groups (hyperparameters)
 
 
 class Engine:

@@ -21,13 +21,28 @@ the same bucket order on every rank:
 - SAM (plain data parallelism over every rank, any world size): g is
   all-reduced, as DDP does.
 
-Besides the gradients, per pass: one small all-reduce after backward (the
-status, status.py: the losses, so every rank takes the same decision and
-returns the same global loss; per rank an error flag, a pass sequence number,
-its global batch size and its model-buffer layout; which parameters got a
-gradient) and, where the model has buffers, one broadcast of rank 0's
-(packing.py), so that evaluating the model gives the same result on every
-rank. The host reads the status once per pass.
+Besides the gradients, one message per pass (status.py), sent right after
+the last gradient bucket and waited on with it: with k = 1 in the same
+send/recv exchange, otherwise in one byte-wise MAX all-reduce. It carries each
+rank's status (its loss, error flag, pass sequence number, global batch
+sizes, model-buffer layout digest; which parameters got a gradient), the
+drift checks below, and rank 0's model buffers (batch-norm statistics...),
+so that evaluating the model gives the same result on every rank. The host
+reads the message once per pass (SAMPa: once per step).
+
+Each rank does its role's work only (fused base optimizers): its buffer plan
+holds one point, so an x̃-rank forms xt (in x) and neither forms nor keeps y,
+a y-rank forms y and never perturbs x (no x_save); and a y-rank keeps a
+reference to the batch it is given, not a copy (it never runs the held batch). The update
+after the exchange is the same on every rank: replicas stay bit-identical.
+
+Drift: per step the message carries a digest of every param group's
+hyperparameters and a fingerprint of the new batch (elements, fp64 sum and
+norm, on the device); every `verify_every` steps, at the first
+step, after opt.load_state_dict and after model.load_state_dict on any
+rank, an exact integer checksum of the parameters. Ranks that should agree
+and do not raise the same RuntimeError everywhere, naming what differs and
+the ranks; the step is refused.
 
 Errors: both batches are validated on every rank before any collective, so
 bad input raises the same error everywhere. An exception that hits one rank
@@ -53,22 +68,52 @@ import datetime
 import os
 import sys
 import weakref
+import zlib
 from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ... import _cuda
+from ... import _cuda, tree
 from ...passes import PassResult
+from ...state import BufferPlan
 from ..base import Context, Engine, Gradients, check_one_device
 from ..buckets import BucketExchange
 from . import fingerprint
-from .packing import BufferPack, Packed
+from .packing import BufferPack, Packed, views
 from .sharding import check_global_batch, global_size, rank_parts
-from .status import Status
+from .status import BATCH_FP, BUF_BYTES, BUF_DIGEST, BUF_SENT, CHECKSUM, HAS_CHECKSUM, LOADED, LOSS, Message, View
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_BUCKET_BYTES = 4 << 20      # several buckets even for small models, so backward overlaps
+DEFAULT_VERIFY_EVERY = 100          # steps between parameter checksums
+
+_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MASK48 = (1 << 48) - 1
+_FP_RTOL = 1e-9     # batch fingerprints: fp64 sums may round differently with other thread counts
+_FP_SAMPLE = 4096   # elements per batch tensor in the per-step fingerprint
+
+
+def _hyper_value(v) -> str:
+    if isinstance(v, torch.Tensor):
+        # a device tensor's value would cost a host sync per step: its kind only
+        return repr(v.tolist()) if v.device.type == "cpu" else f"tensor{tuple(v.shape)}:{v.dtype}"
+    return repr(v)
+
+
+def _hyper_repr(group: dict) -> str:
+    """A param group's hyperparameters (everything but its parameters)."""
+    return "; ".join(f"{k}={_hyper_value(v)}" for k, v in sorted(group.items()) if k != "params")
+
+
+def _same_fingerprint(a, b) -> bool:
+    """(elements, sum, norm): exact count, sums within rounding."""
+    if a[0] != b[0]:
+        return False
+    if a == b:
+        return True
+    r = max(abs(a[2]), abs(b[2]))
+    return abs(a[2] - b[2]) <= _FP_RTOL * r and abs(a[1] - b[1]) <= _FP_RTOL * max(a[0], 1.0) ** 0.5 * r
 
 
 class _CommError(RuntimeError):
@@ -110,6 +155,14 @@ def _as_timedelta(timeout) -> datetime.timedelta:
     return td
 
 
+def _loaded_hook(ref):
+    def hook(_module, _keys) -> None:
+        engine = ref()
+        if engine is not None:
+            engine._on_model_loaded()
+    return hook
+
+
 class DistributedEngine(Engine):
     """Options (keyword arguments of SAMPa / SAM):
 
@@ -131,12 +184,19 @@ class DistributedEngine(Engine):
                      everything after backward (for models whose parameters
                      receive gradients more than once per backward, e.g.
                      reentrant checkpointing)
+    verify_every     steps between checksums of the parameters, compared
+                     over every rank (default DEFAULT_VERIFY_EVERY; 0: only
+                     after a load). Also checked at the first step, after
+                     opt.load_state_dict and after model.load_state_dict
+                     on any rank. Hyperparameters and batches are compared
+                     at every step.
     """
 
     name = "distributed"
 
     def __init__(self, ctx: Context, process_group=None, sharded_batches: bool = False, timeout=None,
-                 bucket_bytes: Optional[int] = None, overlap: bool = True):
+                 bucket_bytes: Optional[int] = None, overlap: bool = True,
+                 verify_every: int = DEFAULT_VERIFY_EVERY):
         super().__init__(ctx)
         self.method = ctx.method
         if not isinstance(sharded_batches, bool):
@@ -147,7 +207,11 @@ class DistributedEngine(Engine):
             bucket_bytes = DEFAULT_BUCKET_BYTES
         if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
             raise ValueError(f"distributed engine: bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
+            raise ValueError(f"distributed engine: verify_every must be an int >= 0 (steps between "
+                             f"parameter checksums; 0: only after loads), got {verify_every!r}")
         self.sharded_batches, self.overlap, self.bucket_bytes = sharded_batches, overlap, bucket_bytes
+        self.verify_every = verify_every
         self.timeout = _as_timedelta(timeout)
         self.device = check_one_device(ctx, self.name)
         if not dist.is_available():
@@ -204,6 +268,12 @@ class DistributedEngine(Engine):
             self.role = "x" if self.rank < self.k else "y"
             self.data_rank, self.data_world_size = self.rank % self.k, self.k
             self.mode = "p2p" if self.k == 1 else "allreduce2"
+            if ctx.fused:
+                # A rank with one role holds and forms one point: an x̃-rank
+                # xt (in x, as the in-place layout does), no y buffer; a
+                # y-rank y only, and x is never perturbed there (no x_save).
+                ctx.set_buffer_plan(BufferPlan(points=("xt",), in_place=True) if self.role == "x"
+                                    else BufferPlan(points=("y",)))
         else:
             self.k = self.world_size
             self.role = "x"
@@ -212,10 +282,16 @@ class DistributedEngine(Engine):
         self.exchange = True      # False only to time a step without the gradient exchange (wrong results)
         self._seq = 0             # passes run, the same on every rank
         self._works: List[Tuple[str, Any]] = []
-        self._buffers = BufferPack(_cuda.physical(self.device))
+        self._buffers = BufferPack()
         self._modules = list(ctx.model.modules())
         self._ex: Optional[BucketExchange] = None
         self._sent = [0, 0]       # buckets sent during / after backward, over all layouts
+        self._steps = 0           # steps run (drift passes), the same on every rank
+        self._verify_due = True   # check the parameters at the next step (the same on every rank)
+        self._loaded = False      # this rank's model.load_state_dict ran since the last check
+        self._last_new = (None, -1)      # the last batch validated, and its size
+        self._validated = (None, -1)     # the held batch kept from it, and its size
+        self._load_hook = ctx.model.register_load_state_dict_post_hook(_loaded_hook(weakref.ref(self)))
         self.relayout()
 
     # ---------------------------------------------------------------- set-up
@@ -344,15 +420,34 @@ class DistributedEngine(Engine):
         if self._desync is not None:
             raise RuntimeError(self._desync)
 
-    def _pass(self, module, parts_fn, which: str, slot: int, leaves, sizes, buffers=None):
+    def _layout_message(self) -> None:
+        """The pass message for the current layout (allocated once per layout):
+        its buffer section fits the model's buffers as every rank holds them now."""
+        nbytes, _ = self._buffers.current(self._modules)
+        self._agreed = self._buffers.signature
+        device = _cuda.physical(self.device)
+        n_groups = len(self.ctx.param_groups())
+        send = nbytes if self.world_size > 1 else 0
+        self._msg = Message(self.world_size, len(self.ctx.params), n_groups, send, device)
+        self._peer = (Message(self.world_size, len(self.ctx.params), n_groups, send, device)
+                      if self.mode == "p2p" else None)
+        # the buffers' views in what rank 0 sends and in what the others receive
+        got = self._peer if self.mode == "p2p" else self._msg
+        self._views = ((views(self._msg.buffers, self._buffers.tensors),
+                        views(got.buffers, self._buffers.tensors)) if send else ([], []))
+
+    def _pass(self, module, parts_fn, which: str, slot: int, leaves, sizes, buffers=None,
+              drift_batch=None, keeps_buffers: bool = True):
         """Forward/backward over this rank's (micro-batch, weight) parts, with
-        the exchange started during the last backward; then the status.
+        the exchange started during the last backward; the pass's message
+        goes out with the last gradients and is waited on with them.
         Returns (global losses (x̃, y), which parameters got a gradient on
         some rank, this rank's outputs).
 
-        A local exception does not stop the pass's collectives: they all run,
-        in the same order as on every other rank, and the status tells every
-        rank who failed."""
+        A local exception does not stop the pass's communication: it all
+        runs, in the same order as on every other rank, and the message tells
+        every rank who failed. `drift_batch` (a tuple holding the batch):
+        this pass carries the step's drift checks."""
         ctx, ex = self.ctx, self._ex
         self._seq += 1
         self._works, self._tag = [], 0
@@ -365,7 +460,7 @@ class DistributedEngine(Engine):
                                on_last_backward=ex.start if self.overlap else None)
         except _CommError:
             raise
-        except BaseException as e:  # noqa: BLE001 - re-raised below, after the collectives
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the exchange
             failure = e
         finally:
             ex.armed = False
@@ -373,27 +468,254 @@ class DistributedEngine(Engine):
         # without overlap, all of them: in the same order on every rank. What
         # a failed rank sends is discarded: the step is refused.
         ex.flush() if self.overlap else ex.send_all()
-        status = Status(self.world_size, len(ctx.params), _cuda.physical(self.device))
+        if drift_batch is not None:
+            self._steps += 1
+        try:
+            drift = self._drift(drift_batch) if drift_batch is not None and failure is None else None
+        except _CommError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - as above
+            failure, drift = e, None
+        msg = self._msg
         # The model's own buffers after this rank's forward (`buffers`: taken
         # before a pass that runs on private copies and leaves them as they are).
         nbytes, digest = (buffers or self._buffers.current(self._modules)) if failure is None else (0, 0)
-        status.fill(self.rank, res.loss if res is not None else None, slot, failure is not None,
-                    self._seq, sizes, nbytes, digest, res.got if res is not None else None)
-        self._collective("status all-reduce", dist.all_reduce, status.tensor, op=dist.ReduceOp.SUM)
+        sent = 0
+        if self.mode != "p2p":
+            msg.flat.zero_()          # reduced in place last time: other ranks' bytes are there
+        if (keeps_buffers and self.rank == 0 and failure is None and msg.buffer_bytes
+                and self._buffers.signature == self._agreed):
+            torch._foreach_copy_(self._views[0], self._buffers.tensors)
+            sent = 1
+        batch_fp = checksum = hyper = None
+        has_sum = loaded = 0
+        if drift is not None:
+            batch_fp, checksum, hyper = drift
+            has_sum, loaded = int(checksum is not None), int(self._loaded)
+        host = [float(failure is not None), self._seq, sizes[0], sizes[1], nbytes, digest, has_sum,
+                loaded, sent] + (hyper if hyper is not None else [0.0] * msg.n_groups)
+        msg.fill(self.rank, res.loss if res is not None else None, batch_fp, checksum, host,
+                 res.got if res is not None else None, reset_got=self.mode != "p2p")
+        self._send_message()
         self._wait()
-        view = status.read()                     # the one host read of a pass
-        self._check_status(view, failure, which)
+        view = self._read()                     # the one host read of a pass
+        self._check_status(view, failure, which, drift is not None)
+        if drift is not None:
+            self._verify_due, self._loaded = False, False
+        if keeps_buffers:
+            self._take_buffers(view)
         dtype = torch.promote_types(res.loss.dtype, torch.float32)
-        losses = [torch.tensor(v, dtype=dtype, device=_cuda.physical(self.device)) for v in view.losses]
+        dev = _cuda.physical(self.device)
+        losses = [torch.full((), sum(r[LOSS] for rank, r in enumerate(view.rows) if self._slot(rank) == s),
+                             dtype=dtype, device=dev) for s in (0, 1)]
         got = view.got if res.got is not None else None
         return losses, got, res.outputs
+
+    def _slot(self, rank: int) -> int:
+        return 1 if self.method == "SAMPa" and rank >= self.k else 0
+
+    def _send_message(self) -> None:
+        msg = self._msg
+        if self.mode == "p2p":
+            # with the last gradient bucket: one wait for both. Rank 0 sends
+            # its buffers too; rank 1 only the status part.
+            peer = self._global[1 - self.rank]
+            own = msg.flat if self.rank == 0 else msg.flat[:msg.buf_at]
+            other = self._peer.flat if self.rank == 1 else self._peer.flat[:msg.buf_at]
+            self._tag += 1
+            try:
+                ops = [dist.P2POp(dist.isend, own, peer, self.group, self._tag),
+                       dist.P2POp(dist.irecv, other, peer, self.group, self._tag)]
+                for w in dist.batch_isend_irecv(ops):
+                    self._works.append(("pass message exchange", w))
+            except Exception as e:
+                raise self._comm_error("pass message exchange", e) from e
+        else:
+            # one MAX all-reduce of bytes gathers every rank's row (each
+            # written by one rank, zero elsewhere) and carries rank 0's buffers
+            self._collective("pass message all-reduce", dist.all_reduce, msg.flat, op=dist.ReduceOp.MAX)
+
+    def _read(self) -> View:
+        msg = self._msg
+        if self.mode == "p2p":
+            if msg.flat.device.type == "cpu":
+                heads = [msg.flat[:msg.head], self._peer.flat[:msg.head]]
+            else:                       # one device-to-host copy
+                both = torch.cat([msg.flat[:msg.head], self._peer.flat[:msg.head]]).cpu()
+                heads = [both[:msg.head], both[msg.head:]]
+            owner = [0 if r == self.rank else 1 for r in range(self.world_size)]
+            return View([msg, self._peer], heads, owner)
+        return View([msg], [msg.host_head()], [0] * self.world_size)
+
+    def _take_buffers(self, view: View) -> None:
+        """Rank 0's buffers, as the message brought them (or, once after
+        every rank replaced them by others of a new layout, by a broadcast)."""
+        if self.world_size == 1:
+            return
+        if view.rows[0][BUF_SENT]:
+            if self.rank != 0:
+                with torch.no_grad():
+                    torch._foreach_copy_(self._buffers.tensors, self._views[1])
+            return
+        if self._buffers.signature != self._agreed:
+            self._layout_message()
+            self._broadcast_packed(self._buffers.tensors, "model-buffer broadcast")
+
+    # ------------------------------------------------------------ drift
+    def _drift(self, batch_box) -> tuple:
+        """This step's drift values: the batch fingerprint (on the device),
+        the parameter checksum when one is due (on the device), and one
+        digest per param group of its hyperparameters."""
+        # `due` is the same on every rank; `_loaded` is this rank's own
+        due = self._verify_due or (self.verify_every > 0 and self._steps % self.verify_every == 0)
+        return (self._batch_fingerprint(batch_box[0], full=due),
+                self._checksum() if due or self._loaded else None, self._hyper_digests())
+
+    def _batch_fingerprint(self, batch, full: bool) -> torch.Tensor:
+        """(elements, sum, norm) of the batch's tensors, in float64, on the
+        device; each tensor weighted by its position (swapped tensors differ).
+        Unless `full`, a large tensor contributes about _FP_SAMPLE elements,
+        in runs of 16 spread evenly over it (every sample of a batch of
+        images is hit): enough to tell different batches apart at a fraction
+        of a pass over them; the steps that check the parameters take every
+        element."""
+        dev = _cuda.physical(self.device)
+        parts, n, home = [], 0, None      # computed where the batch is; 3 values moved
+        for t in tree.tensors(batch):
+            d = t.detach()
+            if d.is_complex():
+                d = torch.view_as_real(d)
+            d = d.reshape(-1)
+            if not full and d.numel() > 2 * _FP_SAMPLE:
+                # runs of 16 elements (a cache line of fp32), spread evenly:
+                # a strided element sample costs one cache miss per element
+                rows = d[:d.numel() // 16 * 16].view(-1, 16)
+                # (an odd step: the runs fall at different places in each sample)
+                d = rows[::rows.shape[0] // (_FP_SAMPLE // 16) | 1].reshape(-1)
+            if not d.is_floating_point():
+                d = d.to(torch.float64)
+            home = d.device if home is None else home
+            parts += [d.sum(dtype=torch.float64).to(home), torch.linalg.vector_norm(d, dtype=torch.float64).to(home)]
+            n += d.numel()
+        if not parts:
+            return torch.zeros(3, dtype=torch.float64, device=dev)
+        v = torch.stack(parts).view(-1, 2)
+        w = torch.arange(1, v.shape[0] + 1, dtype=torch.float64, device=home)
+        fp = torch.cat([torch.full((1,), float(n), dtype=torch.float64, device=home), (v * w[:, None]).sum(0)])
+        return fp
+
+    def _param_sums(self, per_param: bool = False):
+        """Exact integer sums of x's bits (x_save: x as the step found it) and
+        of their squares, mod 2^64: independent of summation order, so equal
+        bits give equal sums whatever the thread count."""
+        out, total = [], None
+        rep = self.ctx.primary
+        for b in rep.slabs:
+            flat = rep.x_of(b)          # x as the step found it (x_save while x holds xt)
+            ints = flat.view(_INT_OF[flat.element_size()]).to(torch.int64)
+            if per_param:
+                for k, v in zip(b.slab.index, b.slab.views(ints)):
+                    out.append((k, (int(v.sum()), int((v * v).sum()))))
+                continue
+            pair = torch.stack([ints.sum(), (ints * ints).sum()])
+            total = pair if total is None else total + pair
+        return out if per_param else total
+
+    def _checksum(self) -> torch.Tensor:
+        total = self._param_sums()
+        if total is None:
+            return torch.zeros(2, dtype=torch.float64, device=_cuda.physical(self.device))
+        return (total & _MASK48).to(torch.float64)     # exact in float64
+
+    def _hyper_digests(self) -> List[float]:
+        return [float(zlib.crc32(_hyper_repr(g).encode())) for g in self.ctx.param_groups()]
+
+    def _gather(self, obj, what: str) -> list:
+        every: List[Any] = [None] * self.world_size
+        try:
+            with self._on_device():     # NCCL gathers objects through the current device
+                dist.all_gather_object(every, obj, group=self.group)
+        except Exception as e:
+            raise self._comm_error(what, e) from e
+        return every
+
+    def _drift_error(self, what: str, detail: str, advice: str) -> RuntimeError:
+        self._verify_due = True            # check the parameters next time too
+        return RuntimeError(
+            f"{self._who}: the replicas drifted apart: {what} ({detail}). {advice} The step was "
+            "refused on every rank")
+
+    def _check_drift(self, view: View) -> None:
+        """Hyperparameters, the batch, the parameters: the same on every rank
+        that should agree (every rank sees the same view: all raise alike)."""
+        world = self.world_size
+        digests = [view.hyper(r) for r in range(world)]
+        if any(d != digests[0] for d in digests):
+            groups = self._gather([_hyper_repr(g) for g in self.ctx.param_groups()], "drift report")
+            for gi in range(len(groups[0])):
+                for r in range(1, world):
+                    if groups[r][gi] != groups[0][gi]:
+                        a, b = fingerprint.first_difference(groups[0][gi], groups[r][gi])
+                        raise self._drift_error(
+                            f"the hyperparameters of param group {gi} differ", f"rank 0 has {a}, rank "
+                            f"{r} has {b}",
+                            "A scheduler stepped, or a param group edited, on some ranks only? "
+                            "Every rank must change hyperparameters alike (step schedulers on "
+                            "every rank).")
+        for a, b in self._batch_pairs():
+            if not _same_fingerprint(view.rows[a][BATCH_FP], view.rows[b][BATCH_FP]):
+                fa, fb = view.rows[a][BATCH_FP], view.rows[b][BATCH_FP]
+                raise self._drift_error(
+                    f"rank {a} and rank {b} were given different batches of the same size",
+                    f"fingerprints (elements, sum, norm): rank {a} {fa[0]:.0f}, {fa[1]:.17g}, "
+                    f"{fa[2]:.17g}; rank {b} {fb[0]:.0f}, {fb[1]:.17g}, {fb[2]:.17g}",
+                    "With sharded_batches=False every rank must pass the same global batch (seed "
+                    "every rank's shuffling alike); with sharded_batches=True ranks r and r + k "
+                    "must get the same shard (use the engine's data_rank and data_world_size for "
+                    "the sampler).")
+        has = view.field(HAS_CHECKSUM)
+        if not any(has):
+            return
+        if all(has):
+            sums = [tuple(r[CHECKSUM]) for r in view.rows]
+        else:
+            # some ranks only checked (their model was loaded since the last
+            # step): every rank sums now, and they compare (rare: one gather)
+            mine = tuple(self._checksum().tolist())
+            sums = self._gather(mine, "parameter checksum")
+        if all(s == sums[0] for s in sums):
+            return
+        odd = [r for r, s in enumerate(sums) if s != sums[0]]
+        per = self._gather(self._param_sums(per_param=True), "drift report")
+        names = self.ctx.names
+        differ = sorted({names[i] for r in odd for (i, v), (_, v0) in zip(per[r], per[0]) if v != v0})
+        loaded = [r for r, v in enumerate(view.field(LOADED)) if v]
+        why = (f" model.load_state_dict ran on rank{'s' if len(loaded) > 1 else ''} "
+               f"{', '.join(map(str, loaded))} since the previous step." if loaded else "")
+        shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise self._drift_error(
+            f"the parameters of rank{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd))} differ "
+            "from rank 0's", f"{shown or 'no single parameter'}", why.strip() + (" " if why else "") +
+            "Change parameters alike on every rank (load model state on every rank, or load the "
+            "optimizer's state_dict, which gives every rank rank 0's values).")
+
+    def _batch_pairs(self) -> List[Tuple[int, int]]:
+        """The ranks that must have been given the same batch."""
+        if not self.sharded_batches:
+            return [(0, r) for r in range(1, self.world_size)]
+        if self.method == "SAMPa":
+            return [(r, r + self.k) for r in range(self.k)]
+        return []
+
+    def _on_model_loaded(self) -> None:
+        self._loaded = True
 
     def _role_of(self, rank: int) -> str:
         if self.method != "SAMPa":
             return ""
         return "x̃-pass" if rank < self.k else "y-pass"
 
-    def _check_status(self, view, failure: Optional[BaseException], which: str) -> None:
+    def _check_status(self, view, failure: Optional[BaseException], which: str, drift: bool) -> None:
         """Raise the same way on every rank."""
         if failure is not None:
             raise failure
@@ -420,8 +742,11 @@ class DistributedEngine(Engine):
                 f"({desc}); with sharded_batches=False every rank must pass the same global batch "
                 "(each takes its share). Give every rank the same batch, or pass "
                 "sharded_batches=True with a DistributedSampler. The step was refused on every rank")
-        if any(n != view.nbytes[0] or d != view.digests[0] for n, d in zip(view.nbytes, view.digests)):
-            desc = ", ".join(f"rank {r}: {int(n)} bytes" for r, n in enumerate(view.nbytes))
+        if drift:
+            self._check_drift(view)
+        nb, dg = view.field(BUF_BYTES), view.field(BUF_DIGEST)
+        if any(n != nb[0] or d != dg[0] for n, d in zip(nb, dg)):
+            desc = ", ".join(f"rank {r}: {int(n)} bytes" for r, n in enumerate(nb))
             raise RuntimeError(
                 f"{self._who}: after the {which}, the model's buffers differ between ranks in "
                 f"size, shape or dtype ({desc}): a forward that creates or resizes buffers (e.g. "
@@ -430,32 +755,35 @@ class DistributedEngine(Engine):
                 "such buffers at their final size in __init__, or keep them out of the module's "
                 "buffers (a plain attribute)")
 
-    def _broadcast_buffers(self) -> None:
-        """Rank 0's model buffers (batch-norm statistics...) to every rank,
-        packed in one flat buffer (after the pass: the model's own buffers,
-        not the y-pass's private copies)."""
-        self._buffers.current(self._modules)
-        pack, bufs = self._buffers.packed, self._buffers.tensors
-        if self.world_size == 1 or pack is None:
-            return
-        if self.rank == 0:
-            pack.fill(bufs)
-        self._collective("model-buffer broadcast", dist.broadcast, pack.flat, src=self._global[0])
-        self._wait()
-        if self.rank != 0:
-            with torch.no_grad():
-                torch._foreach_copy_(bufs, pack.views)
-
     # ---------------------------------------------------------- the interface
+    @property
+    def points(self) -> tuple:
+        """The points this rank forms: xt on an x̃-rank, y on a y-rank."""
+        if self.method != "SAMPa":
+            return ("xt",)
+        return ("xt", "y") if not self.ctx.fused else (("xt",) if self.role == "x" else ("y",))
+
     def _parts(self, batch):
         return rank_parts(batch, self.sharded_batches, self.data_rank, self.data_world_size,
                           self.ctx.accumulation_steps)
 
     def _check_batch(self, batch, what: str) -> int:
         if not self.sharded_batches:
+            if batch is self._validated[0]:      # the held batch: checked as last step's new batch
+                return self._validated[1]
             check_global_batch(batch, self.data_world_size, self.ctx.accumulation_steps, what, self._who)
-            return global_size(batch)
+            n = global_size(batch)
+            self._last_new = (batch, n)
+            return n
         return -1
+
+    def keep_batch(self, batch):
+        """The held batch: the y-ranks never run the x̃-pass, so they keep a
+        reference, not a copy (their held_batch is the batch object itself)."""
+        kept = batch if (self.method == "SAMPa" and self.role == "y") else tree.clone(batch)
+        last = self._last_new
+        self._validated = (kept, last[1]) if last[0] is batch else (None, -1)
+        return kept
 
     def sampa_gradients(self, held, batch) -> Gradients:
         ctx = self.ctx
@@ -470,27 +798,31 @@ class DistributedEngine(Engine):
             rep.zero("gy_new")
         if self.role == "x":
             losses, got, outputs = self._pass(ctx.model, lambda: self._parts(held), "x̃-pass", 0,
-                                              ctx.params, sizes)
+                                              ctx.params, sizes, drift_batch=(batch,))
         else:
+            if not rep.in_place:
+                ctx.form(("y",))               # the optimizer forms points only on in-place replicas
             buffers = self._buffers.current(self._modules)
             with ctx.y_pass() as model:
                 losses, got, outputs = self._pass(model, lambda: self._parts(batch), "y-pass", 1,
-                                                  ctx.y_leaves(), sizes, buffers)
-        self._broadcast_buffers()
+                                                  ctx.y_leaves(), sizes, buffers, drift_batch=(batch,))
         return Gradients(losses[0], losses[1], outputs, got)
 
     def gradient(self, batch, which: str, private_buffers: bool = False) -> PassResult:
         """SAM: one pass, data-parallel over every rank, mean gradient in g."""
         ctx = self.ctx
         self._start()
-        sizes = (self._check_batch(batch, "batch"), -1)
+        if private_buffers and batch is self._last_new[0]:     # checked in the first pass
+            sizes = (self._last_new[1], -1)
+        else:
+            sizes = (self._check_batch(batch, "batch"), -1)
         ctx.primary.zero("g")
         buffers = self._buffers.current(self._modules) if private_buffers else None
         with ctx.private_buffers() if private_buffers else contextlib.nullcontext():
             losses, got, outputs = self._pass(ctx.model, lambda: self._parts(batch), which, 0,
-                                              ctx.params, sizes, buffers)
-        if not private_buffers:
-            self._broadcast_buffers()
+                                              ctx.params, sizes, buffers,
+                                              drift_batch=None if private_buffers else (batch,),
+                                              keeps_buffers=not private_buffers)
         return PassResult(losses[0], outputs, got)
 
     # ------------------------------------------------------------ replicas
@@ -527,6 +859,9 @@ class DistributedEngine(Engine):
             self._broadcast_packed(small, "replica broadcast")
         if self.rank != 0:
             after()
+        self._layout_message()
+        # identical now; the next step checks that they still are
+        self._verify_due, self._loaded = True, False
 
     def close(self) -> None:
         """Destroy the engine's own process group (a caller's subgroup is left
@@ -534,6 +869,9 @@ class DistributedEngine(Engine):
         group, self.group = getattr(self, "group", None), None
         if getattr(self, "_ex", None) is not None:
             self._ex.close()
+        if getattr(self, "_load_hook", None) is not None:
+            self._load_hook.remove()
+            self._load_hook = None
         if (group is not None and getattr(self, "_owns_group", False) and dist.is_available()
                 and dist.is_initialized()):
             dist.destroy_process_group(group)

@@ -33,30 +33,56 @@ class Packed:
             t.copy_(v)
 
 
-def signature(tensors: Sequence[torch.Tensor]) -> Tuple[list, int]:
-    """(shapes/dtypes/devices, a digest of shapes and dtypes exact in float64)."""
-    sig = [(t.shape, t.dtype, t.device) for t in tensors]
-    desc = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode()
-    return sig, int.from_bytes(hashlib.sha256(desc).digest()[:6], "little")
+def signature(tensors: Sequence[torch.Tensor]) -> list:
+    """Shapes, dtypes and devices: what decides the packed layout."""
+    return [(t.shape, t.dtype, t.device) for t in tensors]
+
+
+def digest(sig: list) -> int:
+    """A digest of shapes and dtypes, exact in float64 (48 bits)."""
+    desc = repr([(tuple(s), str(d)) for s, d, _ in sig]).encode()
+    return int.from_bytes(hashlib.sha256(desc).digest()[:6], "little")
 
 
 class BufferPack:
-    """The model's buffers (batch-norm statistics...) as one packed buffer,
-    rebuilt when their shapes change (a module may replace a buffer)."""
+    """The model's buffers (batch-norm statistics...) and their layout,
+    followed as modules replace them (a forward may assign a new tensor).
+    The digest is computed again only when the layout changed."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
         self._sig: Optional[list] = None
-        self.packed: Optional[Packed] = None
         self.digest = 0
+        self.nbytes = 0
         self.tensors: List[torch.Tensor] = []
 
     def current(self, modules) -> Tuple[int, int]:
         """Take the buffers as they are now; returns (bytes, digest)."""
         bufs = [t for m in modules for t in m._buffers.values() if t is not None and t.numel() > 0]
-        sig, digest = signature(bufs)
+        sig = signature(bufs)
         if sig != self._sig:
-            self.packed = Packed(bufs, self.device) if bufs else None
-            self._sig, self.digest = sig, digest
+            self._sig, self.digest = sig, digest(sig)
+            self.nbytes = packed_bytes(bufs)
         self.tensors = bufs
-        return (self.packed.nbytes if self.packed is not None else 0), self.digest
+        return self.nbytes, self.digest
+
+    @property
+    def signature(self) -> Optional[list]:
+        return self._sig
+
+
+def packed_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    n = 0
+    for t in tensors:
+        n = -(-n // ALIGN) * ALIGN + t.numel() * t.element_size()
+    return n
+
+
+def views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Views of `flat` (uint8) laid out as Packed lays out `like`."""
+    out, n = [], 0
+    for t in like:
+        n = -(-n // ALIGN) * ALIGN
+        nb = t.numel() * t.element_size()
+        out.append(flat[n:n + nb].view(t.dtype).view(t.shape))
+        n += nb
+    return out
