@@ -23,6 +23,7 @@ from .state import LEGACY_PLAN, FlatState
 from .statewatch import Watch, watched
 from .update import make_update, rule_for
 from .update.common import check_number
+from .update.generic import NoRule
 from .wrapped import reduces_own_parameters, refuse_wrapped, resolved_engine
 from .ymodel import PrivateBuffers, YPass, swapped
 
@@ -109,7 +110,7 @@ class Sharpness(torch.optim.Optimizer):
                                                           fused=self._rule is not None))
         plan = LEGACY_PLAN if reduces_own_parameters(model) else engine_cls.buffer_plan(cls)
         self.flat = FlatState(params, groups, names, self._buffer_names,
-                              self._rule if self._rule is not None else _no_state, backend,
+                              self._rule if self._rule is not None else NoRule, backend,
                               plan=plan, generic=self._rule is None)
         self.update = make_update(base, self.flat, adaptive, self.max_grad_norm)
         self._flags = self._grad_flags()
@@ -427,7 +428,6 @@ class Sharpness(torch.optim.Optimizer):
         self._ensure_layout()
         if self.update.fused:
             self.flat.allocate_state(hps, self.engine.replicas)
-        self._hyper_now = hyper
         self._structure = (self.update.refresh(hyper, self.engine.replicas),
                            self.model.training, torch.is_grad_enabled(), self.loss_fn,
                            self.accumulation_steps, self.grad_scaler is not None)
@@ -728,14 +728,6 @@ def _generic_hyper(group: dict, where: str) -> dict:
         if k in group and not isinstance(group[k], (bool, type(None))):
             check_number(group, k, where)
     return {}
-
-
-class _no_state:
-    NAME = "generic"
-
-    @staticmethod
-    def state_names(hp) -> List[str]:
-        return []
 
 
 def _batch_from_wrapper(batch, closure):
