@@ -113,7 +113,7 @@ class Sharpness(torch.optim.Optimizer):
                               self._rule if self._rule is not None else NoRule, backend,
                               plan=plan, generic=self._rule is None)
         self.update = make_update(base, self.flat, adaptive, self.max_grad_norm)
-        self._flags = self._grad_flags()
+        self._requires_grad = self._requires_grad_now()
         self._step_tensors: Dict[int, torch.Tensor] = {}
         # model.state_dict() gives compact copies of the flat parameter views (saving.py)
         self._compact = CompactStateDict(self, model)
@@ -200,7 +200,7 @@ class Sharpness(torch.optim.Optimizer):
                 groups.append(gi)
         return params, groups, [self._names[id(p)] for p in params]
 
-    def _grad_flags(self):
+    def _requires_grad_now(self):
         return tuple(p.requires_grad for p in self.flat.layout.params)
 
     def _relayout(self, keep_from: Optional[List[int]] = None) -> None:
@@ -224,7 +224,7 @@ class Sharpness(torch.optim.Optimizer):
         self._group_ids = [list(map(id, g["params"])) for g in self.param_groups]
         modules = list(self.model.modules())          # modules added since take part too
         self._private._modules = self.guard._modules = modules
-        self._flags = self._grad_flags()
+        self._requires_grad = self._requires_grad_now()
         self._owners = self._param_owners()
         self._bind_method()
         self._publish()
@@ -290,9 +290,9 @@ class Sharpness(torch.optim.Optimizer):
                         "after the optimizer was built; move the model before building the "
                         "optimizer (or build it again and load its state_dict)")
             self._relayout()
-        flags = self._grad_flags()
-        if flags != self._flags:
-            self._flags = flags
+        now = self._requires_grad_now()
+        if now != self._requires_grad:
+            self._requires_grad = now
             self.engine.relayout()
 
     def _follow_param_lists(self) -> None:

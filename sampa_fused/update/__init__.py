@@ -72,7 +72,7 @@ class Update:
         self.rule, self.flat = rule, flat
         self.adaptive, self.max_grad_norm = adaptive, max_grad_norm
         self._hps: List[dict] = []
-        self._flags: List[tuple] = []
+        self._rule_flags: List[tuple] = []
         self._cfgs: dict = {}
 
     # ------------------------------------------------------------ per step
@@ -82,7 +82,7 @@ class Update:
         step's kernels depend on besides the values (a captured graph is
         valid while it stays the same)."""
         self._hps = [h for h, _, _ in hyper]
-        self._flags = [self.rule.flags(h) for h in self._hps]
+        self._rule_flags = [self.rule.flags(h) for h in self._hps]
         rows = []
         for g, count in self.flat.rows:
             hp, rho, lam = hyper[g]
@@ -94,7 +94,7 @@ class Update:
                 for table in rep.tables.values():
                     table.upload(rows)
         versions = tuple(t.version for rep in replicas for t in rep.tables.values())
-        return (tuple(self._flags), self.flat.structure(), versions, self.adaptive, self.max_grad_norm)
+        return (tuple(self._rule_flags), self.flat.structure(), versions, self.adaptive, self.max_grad_norm)
 
     def uses_state(self) -> List[bool]:
         return [self.rule.uses_state(h) for h in self._hps]
@@ -121,7 +121,7 @@ class Update:
                         g = self.flat.rows[run.row][0]
                         sl = slice(run.start, run.end)
                         state = {n: b.state[n][sl] for n in self.rule.state_names(self._hps[g])}
-                        yield rep, b, run, sl, table.row(run.row), self._flags[g], state
+                        yield rep, b, run, sl, table.row(run.row), self._rule_flags[g], state
 
     def _norm(self, rep, sq: torch.Tensor, grad_of) -> torch.Tensor:
         """||g|| for the perturbation: from the check's sum of squares, or
