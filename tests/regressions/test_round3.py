@@ -1,5 +1,5 @@
-"""Issue 23, "No silent corruption, round 3": one regression test (or a few)
-per item, each failing on the tree before the fix. Self-contained: its own
+"""Regressions found by the third round of probes: one test (or a few) per
+case, each failing on the tree before the fix. Self-contained: its own
 model, loss and batches.
 
 With rho = 0 SAM's step is the base optimizer's step on the same batch
