@@ -81,7 +81,6 @@ import re
 import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -1245,12 +1244,6 @@ def rank_main(args) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(nproc: int, argv: List[str]) -> int:
     """--nproc N: N local ranks, each this script under torchrun's environment
     variables (so each runs exactly the code torchrun would run)."""
@@ -1265,15 +1258,9 @@ def spawn(nproc: int, argv: List[str]) -> int:
         if tok.startswith("--nproc="):
             continue
         child_argv.append(tok)
-    port = _free_port()
-    procs = []
-    for r in range(nproc):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), BENCH_COMM_NPROC=str(nproc))
-        env.setdefault("OMP_NUM_THREADS", "1")     # as torchrun does
-        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve())] + child_argv,
-                                      env=env))
+    from sampa_fused.launch import start_ranks
+    procs = start_ranks([sys.executable, str(Path(__file__).resolve())] + child_argv, nproc,
+                        env=dict(os.environ, BENCH_COMM_NPROC=str(nproc)))
     rc = 0
     try:
         live = list(procs)

@@ -183,6 +183,8 @@ def child(name: str, n_params: float, steps: int) -> dict:
 
 # ------------------------------------------------------------------ driver
 def run(configs, n_params: float, steps: int) -> list:
+    sys.path.insert(0, str(ROOT))     # the shared rank launcher
+    from sampa_fused.launch import start_ranks
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rows = []
@@ -192,24 +194,14 @@ def run(configs, n_params: float, steps: int) -> list:
         if not name.endswith("distributed"):
             procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
         else:
-            port = _free_port()
-            procs = [subprocess.Popen(argv, env=dict(env, RANK=str(r), WORLD_SIZE=str(DISTRIBUTED_RANKS),
-                                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for r in range(DISTRIBUTED_RANKS)]
+            procs = start_ranks(argv, DISTRIBUTED_RANKS, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         outs = [p.communicate() for p in procs]
         for p, (out, err) in zip(procs, outs):
             if p.returncode != 0:
                 raise RuntimeError(f"{name} failed:\n{err[-3000:]}")
             rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def table(rows) -> str:

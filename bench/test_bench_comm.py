@@ -54,7 +54,7 @@ def test_bench_backward_with_bucket_hooks(benchmark, hooks):
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(64)])
     params = list(model.parameters())
     slabs = build_slabs(params, [0] * len(params))
-    flat = slabs[0].empty()
+    flat = slabs[0].zeros()
     slabs[0].bind_grad(params, flat)
     sent = []
     ex = BucketExchange(params, slabs, 4096, lambda s, a, b: sent.append(b - a)) \

@@ -84,7 +84,7 @@ class Slab:
     strides: List[Optional[Tuple[int, ...]]] = field(default_factory=list)   # None: contiguous
     segments: List[Segment] = field(default_factory=list)
 
-    def empty(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    def zeros(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         return torch.zeros(self.numel, dtype=dtype or self.dtype,
                            device=self.device if device is None else device)
 

@@ -23,6 +23,7 @@ from .state import LEGACY_PLAN, FlatState
 from .statewatch import Watch, watched
 from .update import make_update, rule_for
 from .update.common import check_number
+from .update.generic import NoRule
 from .wrapped import reduces_own_parameters, refuse_wrapped, resolved_engine
 from .ymodel import PrivateBuffers, YPass, swapped
 
@@ -109,10 +110,10 @@ class Sharpness(torch.optim.Optimizer):
                                                           fused=self._rule is not None))
         plan = LEGACY_PLAN if reduces_own_parameters(model) else engine_cls.buffer_plan(cls)
         self.flat = FlatState(params, groups, names, self._buffer_names,
-                              self._rule if self._rule is not None else _no_state, backend,
+                              self._rule if self._rule is not None else NoRule, backend,
                               plan=plan, generic=self._rule is None)
         self.update = make_update(base, self.flat, adaptive, self.max_grad_norm)
-        self._flags = self._grad_flags()
+        self._requires_grad = self._requires_grad_now()
         self._step_tensors: Dict[int, torch.Tensor] = {}
         # model.state_dict() gives compact copies of the flat parameter views (saving.py)
         self._compact = CompactStateDict(self, model)
@@ -199,7 +200,7 @@ class Sharpness(torch.optim.Optimizer):
                 groups.append(gi)
         return params, groups, [self._names[id(p)] for p in params]
 
-    def _grad_flags(self):
+    def _requires_grad_now(self):
         return tuple(p.requires_grad for p in self.flat.layout.params)
 
     def _relayout(self, keep_from: Optional[List[int]] = None) -> None:
@@ -223,7 +224,7 @@ class Sharpness(torch.optim.Optimizer):
         self._group_ids = [list(map(id, g["params"])) for g in self.param_groups]
         modules = list(self.model.modules())          # modules added since take part too
         self._private._modules = self.guard._modules = modules
-        self._flags = self._grad_flags()
+        self._requires_grad = self._requires_grad_now()
         self._owners = self._param_owners()
         self._bind_method()
         self._publish()
@@ -289,9 +290,9 @@ class Sharpness(torch.optim.Optimizer):
                         "after the optimizer was built; move the model before building the "
                         "optimizer (or build it again and load its state_dict)")
             self._relayout()
-        flags = self._grad_flags()
-        if flags != self._flags:
-            self._flags = flags
+        now = self._requires_grad_now()
+        if now != self._requires_grad:
+            self._requires_grad = now
             self.engine.relayout()
 
     def _follow_param_lists(self) -> None:
@@ -427,7 +428,6 @@ class Sharpness(torch.optim.Optimizer):
         self._ensure_layout()
         if self.update.fused:
             self.flat.allocate_state(hps, self.engine.replicas)
-        self._hyper_now = hyper
         self._structure = (self.update.refresh(hyper, self.engine.replicas),
                            self.model.training, torch.is_grad_enabled(), self.loss_fn,
                            self.accumulation_steps, self.grad_scaler is not None)
@@ -728,14 +728,6 @@ def _generic_hyper(group: dict, where: str) -> dict:
         if k in group and not isinstance(group[k], (bool, type(None))):
             check_number(group, k, where)
     return {}
-
-
-class _no_state:
-    NAME = "generic"
-
-    @staticmethod
-    def state_names(hp) -> List[str]:
-        return []
 
 
 def _batch_from_wrapper(batch, closure):

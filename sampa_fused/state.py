@@ -101,7 +101,7 @@ class SlabBuffers:
         self._device = device
         self.names: Tuple[str, ...] = ()
         self.provide(names, aliases or {})
-        self.state: Dict[str, torch.Tensor] = {n: slab.empty(device=device) for n in state_names}
+        self.state: Dict[str, torch.Tensor] = {n: slab.zeros(device=device) for n in state_names}
 
     def provide(self, names: Sequence[str], aliases: Dict[str, str]) -> None:
         """Hold exactly `names` (new ones zeroed, others freed) and the aliases."""
@@ -110,7 +110,7 @@ class SlabBuffers:
             self.__dict__.pop(n, None)
         for n in names:
             if n not in self.__dict__:
-                setattr(self, n, self.slab.empty(device=self._device))
+                setattr(self, n, self.slab.zeros(device=self._device))
         for a, owner in aliases.items():
             setattr(self, a, getattr(self, owner))
         self.names, self.aliases = tuple(names) + tuple(aliases), dict(aliases)
@@ -119,7 +119,7 @@ class SlabBuffers:
         """Allocate state buffers needed now (a scheduler may switch momentum on)."""
         for n in names:
             if n not in self.state:
-                self.state[n] = self.slab.empty(device=self._device)
+                self.state[n] = self.slab.zeros(device=self._device)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -96,7 +96,7 @@ class YPass:
         self.every = every
         self.leaves: List[nn.Parameter] = []
         self._slots: List[Tuple[nn.Module, str, torch.Tensor]] = []
-        self._flags: tuple = ()
+        self._requires_grad: tuple = ()
 
     def bind(self, slabs, y_name: str = "y", g_name: str = "gy_new") -> None:
         """y leaves as views of the replica's y buffers, their gradients as
@@ -109,21 +109,21 @@ class YPass:
                 leaf.grad = gs[k]
                 self.leaves[i] = leaf
         self._grads = [leaf.grad for leaf in self.leaves]
-        self._flags = ()
+        self._requires_grad = ()
 
     def _refresh_slots(self) -> None:
         """Slots of the parameters that train now (requires_grad); frozen ones
         keep the user's values, as torch's peek would (their grad is None)."""
-        flags = tuple(p.requires_grad for p in self.params)
-        if flags == self._flags:
+        now = tuple(p.requires_grad for p in self.params)
+        if now == self._requires_grad:
             return
         if self.every:
-            for leaf, f in zip(self.leaves, flags):
+            for leaf, f in zip(self.leaves, now):
                 leaf.requires_grad_(f)
         index = {id(p): i for i, p in enumerate(self.params) if p.requires_grad or self.every}
         self._slots = [(m, n, self.leaves[index[id(p)]]) for m in self.model.modules()
                        for n, p in m._parameters.items() if p is not None and id(p) in index]
-        self._flags = flags
+        self._requires_grad = now
 
     def current(self) -> List[nn.Parameter]:
         """The leaves, their requires_grad following the parameters'."""

@@ -1,7 +1,6 @@
-"""Slow, per-parameter reference implementations of the algorithm (README, 'Exactly what it
-computes'), used as
-ground truth. The peek and the base step are torch's own optimizer, so they
-are exact for every base optimizer by construction."""
+"""Test fixtures, and the ground truth every engine and backend is compared
+against: the package's own per-parameter reference (sampa_fused/reference.py),
+re-exported here as RefSAMPa and RefSAM."""
 from __future__ import annotations
 
 import copy
@@ -10,115 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EPS = 1e-12
-
-
-class RefSAMPa:
-    """`params` may be param groups carrying their own 'rho' and 'lam'."""
-
-    def __init__(self, model, loss_fn, base_cls, rho, lam, params=None, max_grad_norm=None, **kw):
-        self.model, self.loss_fn, self.rho, self.lam = model, loss_fn, rho, lam
-        self.max_grad_norm = max_grad_norm
-        self.ymodel = copy.deepcopy(model)
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-        self.base = base_cls(params, **kw)
-        self.params = [p for g in self.base.param_groups for p in g["params"]]
-        names = {id(p): n for n, p in model.named_parameters()}
-        ynamed = dict(self.ymodel.named_parameters())
-        self.yparams = [ynamed[names[id(p)]] for p in self.params]
-        self.gy = [torch.zeros_like(p) for p in self.params]
-        self.held = None
-
-    def add_param_group(self, group):
-        self.base.add_param_group(group)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        ynamed = dict(self.ymodel.named_parameters())
-        for p in self.base.param_groups[-1]["params"]:
-            self.params.append(p)
-            self.yparams.append(ynamed[names[id(p)]])
-            self.gy.append(torch.zeros_like(p))
-
-    def _per_param(self, key):
-        default = getattr(self, key)
-        return [g.get(key, default) for g in self.base.param_groups for _ in g["params"]]
-
-    def _peek(self):
-        x = [p.detach().clone() for p in self.params]
-        state = copy.deepcopy(self.base.state_dict())
-        for p, g in zip(self.params, self.gy):
-            p.grad = g.clone()
-        self.base.step()
-        y = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, v in zip(self.params, x):
-                p.copy_(v)
-        self.base.load_state_dict(state)   # the state is left untouched
-        return x, y
-
-    def step(self, batch):
-        held = batch if self.held is None else self.held
-        with torch.no_grad():   # the y-copy follows the model's modes and current buffers
-            for m, ym in zip(self.model.modules(), self.ymodel.modules()):
-                ym.training = m.training
-            for b, yb in zip(self.model.buffers(), self.ymodel.buffers()):
-                yb.copy_(b)
-        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in self.gy))
-        x, y = self._peek()
-        rho, lam = self._per_param("rho"), self._per_param("lam")
-        with torch.no_grad():
-            for p, g, r in zip(self.params, self.gy, rho):
-                p.copy_(p.float() + r / (norm + EPS) * g.float())
-            for q, v in zip(self.yparams, y):
-                q.copy_(v)
-        for p in self.params:
-            p.grad = None
-        loss = self.loss_fn(self.model, held)
-        loss.backward()
-        gxt = [p.grad.clone() for p in self.params]
-        for q in self.yparams:
-            q.grad = None
-        self.loss_fn(self.ymodel, batch).backward()
-        gy_new = [q.grad.clone() for q in self.yparams]
-        with torch.no_grad():
-            for p, v, a, b, lm in zip(self.params, x, gxt, gy_new, lam):
-                p.copy_(v)
-                p.grad = ((1 - lm) * a.float() + lm * b.float()).to(p.dtype)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.base.step()
-        self.gy, self.held = gy_new, batch
-        return loss.detach()
-
-
-class RefSAM:
-    def __init__(self, model, loss_fn, base_cls, rho, max_grad_norm=None, **kw):
-        self.model, self.loss_fn, self.rho = model, loss_fn, rho
-        self.max_grad_norm = max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.base = base_cls(self.params, **kw)
-
-    def step(self, batch):
-        for p in self.params:
-            p.grad = None
-        self.loss_fn(self.model, batch).backward()
-        g = [p.grad.clone() for p in self.params]
-        norm = torch.sqrt(sum((t.float() ** 2).sum() for t in g))
-        x = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, t in zip(self.params, g):
-                p.copy_(p.float() + self.rho / (norm + EPS) * t.float())
-        for p in self.params:
-            p.grad = None
-        loss = self.loss_fn(self.model, batch)
-        loss.backward()
-        with torch.no_grad():
-            for p, v in zip(self.params, x):
-                p.copy_(v)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.base.step()
-        return loss.detach()
+from sampa_fused.reference import SAM as RefSAM  # noqa: F401  (the tests' ground truth)
+from sampa_fused.reference import SAMPa as RefSAMPa  # noqa: F401
 
 
 # ---------------------------------------------------------------- fixtures

@@ -428,3 +428,17 @@ def test_auto_engine_and_backend_on_cpu():
     assert (opt.engine.name, opt.backend) == ("serial", "torch")
     opt = SAM(model, ce_loss, torch.optim.SGD, rho=0.1, lr=0.1, engine="auto")
     assert opt.engine.name == "serial"
+
+
+@pytest.mark.parametrize("cls,ref_cls", [(SAMPa, RefSAMPa), (SAM, RefSAM)], ids=["SAMPa", "SAM"])
+def test_adaptive_matches_reference(cls, ref_cls):
+    torch.manual_seed(0)
+    model = SmallNet()
+    ref_model = copy.deepcopy(model)
+    kw = dict(rho=0.5, lr=0.1, momentum=0.9, adaptive=True) | (dict(lam=0.3) if cls is SAMPa else {})
+    opt = cls(model, ce_loss, torch.optim.SGD, backend="torch", **kw)
+    ref = ref_cls(ref_model, ce_loss, torch.optim.SGD, **kw)
+    for b in make_batches(5):
+        torch.testing.assert_close(opt.step(b), ref.step(b), **TOL)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, **TOL)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from reference import SmallNet, ce_loss, make_batches
 
 import sampa_fused
 from sampa_fused import SAM, SAMPa
+from sampa_fused.launch import free_port
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -264,10 +264,7 @@ def test_readme_fabric_port_on_two_processes_equals_the_serial_engine(tmp_path):
     out = tmp_path / "params.pt"
     script = tmp_path / "fabric_port.py"
     script.write_text(FABRIC_SCRIPT.format(repo=REPO, tests=str(Path(__file__).parent), out=str(out)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo",
                OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)

@@ -102,7 +102,7 @@ class Side:
         self.model = model
         self.params = [p for p in model.parameters()]
         self.slabs = build_slabs(self.params, [0] * len(self.params))
-        self.g = [s.empty() for s in self.slabs]
+        self.g = [s.zeros() for s in self.slabs]
         self.dst = [torch.full((s.numel,), float("nan")) for s in self.slabs]
         for s, g in zip(self.slabs, self.g):
             s.bind_grad(self.params, g)

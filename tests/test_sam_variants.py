@@ -1,5 +1,5 @@
-"""SAM's batch-norm bookkeeping (issue 14 item 7) and adaptive SAM against
-davda54/sam's published algorithm (issue 14 item 8)."""
+"""SAM's batch-norm bookkeeping and adaptive SAM against davda54/sam's
+published algorithm."""
 import pytest
 import torch
 from reference import SmallNet, ce_loss, make_batches

@@ -1,4 +1,4 @@
-"""Saving the model while the optimizer holds it (issue 14 item 1): the
+"""Saving the model while the optimizer holds it: the
 parameters are views of one flat buffer, but `model.state_dict()` gives
 compact copies, so safetensors, accelerate and torch.save of a submodule
 see ordinary tensors; loading back is bit-identical and training goes on."""

@@ -1,4 +1,4 @@
-"""Issue 7: mixed precision, GradScaler, clipping, accumulation, torch.compile,
+"""The training loop's features: mixed precision, GradScaler, clipping, accumulation, torch.compile,
 non-finite handling -- on the torch backend (CPU) and the Triton backend: on
 CUDA tensors where there is a GPU, else on CPU tensors through Triton's
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1 only without CUDA, so

@@ -485,7 +485,7 @@ def test_check_matches_torch_and_flags_nonfinite(config):
     loss = torch.tensor(1.5, device=DEV)
     for grads, sq_attr, losses in [(("g", "gy_new"), "gy_new", (loss, loss * 2)), (("g",), "g", ()),
                                    (("g",), None, (loss,)), ((), "gy_new", ()),
-                                   (("g", "gy", "y"), "x", (loss, loss, loss))]:
+                                   (("g", "gy", "y"), "x", (loss, loss))]:
         ok, sq = _check(kits, 0, losses, grads, sq_attr)
         ok_r, sq_r = _check(kits, 1, losses, grads, sq_attr)
         assert ok.dtype == torch.bool and ok.shape == () and sq.dtype == torch.float32 and sq.shape == ()
@@ -914,3 +914,8 @@ def test_cuda_buffer_past_int32_elements():
     slab = types.SimpleNamespace(g=g, x=x)
     ok, sq = triton_check([slab], (), ("x",), "g", None, DEV, default_config(DEV))
     assert bool(ok) and sq.item() == pytest.approx(n - 7 + 4 * 7, rel=1e-6)
+
+
+def test_triton_check_refuses_more_than_two_losses():
+    with pytest.raises(ValueError, match="at most two losses"):
+        triton_check([], [torch.ones(())] * 3, ("g",), None, None, DEV, KernelConfig())

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..launch import free_port
 from .data import DATASETS, add_label_noise, batches, load_dataset, steps_per_epoch
 from .models import MODELS, build_model
 
@@ -153,13 +154,6 @@ def gradient_counts(method: Dict, opt) -> Dict:
 
 
 # ------------------------------------------------------- ranks launched here
-def _free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(rank: int, nproc: int, port: int, method: Dict, seed: int, data, y_train, args,
                out_path: str, epoch_dir: Optional[str] = None) -> None:
     """One rank of a method on the distributed engine (gloo on 127.0.0.1).
@@ -214,7 +208,7 @@ def train_ranks(method: Dict, seed: int, data, y_train, args, on_epoch=None) -> 
                     with open(os.path.join(epoch_dir, name)) as f:
                         on_epoch(json.load(f))
         ctx = mp.start_processes(_rank_main, nprocs=nproc, join=False, start_method="spawn",
-                                 args=(nproc, _free_port(), method, seed, data.to("cpu"), y_train.cpu(),
+                                 args=(nproc, free_port(), method, seed, data.to("cpu"), y_train.cpu(),
                                        rank_args, out_path, epoch_dir))
         try:
             while not ctx.join(timeout=0.2):

@@ -72,7 +72,7 @@ class Update:
         self.rule, self.flat = rule, flat
         self.adaptive, self.max_grad_norm = adaptive, max_grad_norm
         self._hps: List[dict] = []
-        self._flags: List[tuple] = []
+        self._rule_flags: List[tuple] = []
         self._cfgs: dict = {}
 
     # ------------------------------------------------------------ per step
@@ -82,7 +82,7 @@ class Update:
         step's kernels depend on besides the values (a captured graph is
         valid while it stays the same)."""
         self._hps = [h for h, _, _ in hyper]
-        self._flags = [self.rule.flags(h) for h in self._hps]
+        self._rule_flags = [self.rule.flags(h) for h in self._hps]
         rows = []
         for g, count in self.flat.rows:
             hp, rho, lam = hyper[g]
@@ -94,7 +94,7 @@ class Update:
                 for table in rep.tables.values():
                     table.upload(rows)
         versions = tuple(t.version for rep in replicas for t in rep.tables.values())
-        return (tuple(self._flags), self.flat.structure(), versions, self.adaptive, self.max_grad_norm)
+        return (tuple(self._rule_flags), self.flat.structure(), versions, self.adaptive, self.max_grad_norm)
 
     def uses_state(self) -> List[bool]:
         return [self.rule.uses_state(h) for h in self._hps]
@@ -121,16 +121,17 @@ class Update:
                         g = self.flat.rows[run.row][0]
                         sl = slice(run.start, run.end)
                         state = {n: b.state[n][sl] for n in self.rule.state_names(self._hps[g])}
-                        yield rep, b, run, sl, table.row(run.row), self._flags[g], state
+                        yield rep, b, run, sl, table.row(run.row), self._rule_flags[g], state
 
-    def _norm(self, rep, name: str, sq: torch.Tensor) -> torch.Tensor:
+    def _norm(self, rep, sq: torch.Tensor, grad_of) -> torch.Tensor:
         """||g|| for the perturbation: from the check's sum of squares, or
-        ||x * g|| for adaptive SAM (one extra reduction over the buffers)."""
+        ||x * g|| for adaptive SAM (one extra reduction over the buffers;
+        grad_of(slab) is g there)."""
         if not self.adaptive:
             return sq.sqrt()
         total = torch.zeros((), dtype=torch.float32, device=rep.device)
         for b in rep.slabs:
-            total += (upcast(rep.x_of(b)).float() * upcast(getattr(b, name)).float()).square().sum()
+            total += (upcast(rep.x_of(b)).float() * grad_of(b).float()).square().sum()
         return total.sqrt()
 
     # ------------------------------------------------------------ SAMPa
@@ -153,7 +154,7 @@ class Update:
                                    "form them one at a time (xt, the x̃-pass, then y)")
             if want:
                 with _cuda.on_device(rep.logical):
-                    todo[id(rep)] = (want, self._norm(rep, "gy", rep.gy_sq) if "xt" in want else None)
+                    todo[id(rep)] = (want, self._norm(rep, rep.gy_sq, lambda b: upcast(b.gy)) if "xt" in want else None)
         for rep, b, run, sl, h, fl, state in self._each([r for r in replicas if id(r) in todo]):
             want, norm = todo[id(rep)]
             rep.ops.pre[self.rule.NAME](
@@ -261,19 +262,11 @@ class Update:
         norms = {}
         for rep, (_, sq), inv in zip(replicas, checks, invs):
             with _cuda.on_device(rep.logical):
-                norms[id(rep)] = self._norm_sam(rep, sq, inv)
+                norms[id(rep)] = self._norm(rep, sq, lambda b, inv=inv: unscaled(b.g, inv))
         inv_of = {id(rep): inv for rep, inv in zip(replicas, invs)}
         for rep, b, run, sl, h, fl, state in self._each(replicas):
             norm, inv = norms[id(rep)], inv_of[id(rep)]
             rep.ops.perturb(rep.x_of(b)[sl], b.xt[sl], b.g[sl], norm, inv, h, self.adaptive, self._cfg(rep))
-
-    def _norm_sam(self, rep, sq, inv):
-        if not self.adaptive:
-            return sq.sqrt()
-        total = torch.zeros((), dtype=torch.float32, device=rep.device)
-        for b in rep.slabs:
-            total += (upcast(rep.x_of(b)).float() * unscaled(b.g, inv).float()).square().sum()
-        return total.sqrt()
 
     def sam_post(self, replicas, checks, invs, inactive: Optional[FrozenSet[int]] = None) -> None:
         self._post(replicas, checks, invs, inactive, mixing=False)

@@ -16,7 +16,8 @@ import torch
 from .common import clip_coef, mix, perturbation, torch_check, unscaled, upcast
 
 
-class _NoRule:
+class NoRule:
+    """The rule of a base optimizer without a fused one: no flat state buffers."""
     NAME = "generic"
 
     @staticmethod
@@ -30,7 +31,7 @@ class _NoRule:
 
 class GenericUpdate:
     fused = False
-    rule = _NoRule
+    rule = NoRule
 
     def __init__(self, base: torch.optim.Optimizer, flat, adaptive: bool, max_grad_norm: Optional[float]):
         self.base, self.flat = base, flat

@@ -1,5 +1,5 @@
-"""Issue 23, "No silent corruption, round 3": one regression test (or a few)
-per item, each failing on the tree before the fix. Self-contained: its own
+"""Regressions found by the third round of probes: one test (or a few) per
+case, each failing on the tree before the fix. Self-contained: its own
 model, loss and batches.
 
 With rho = 0 SAM's step is the base optimizer's step on the same batch
@@ -174,12 +174,10 @@ def _hooked_rank(rank, world, port, out):
 
 def test_a_tensor_hook_acts_on_the_distributed_engine(tmp_path):
     """Two ranks: one runs the x̃-pass, the other the y-pass (on the y leaves)."""
-    import socket
-
     import torch.multiprocessing as mp
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+
+    from sampa_fused.launch import free_port
+    port = free_port()
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_hooked_rank, args=(2, port, out), nprocs=2, join=True)
     r = torch.load(out)

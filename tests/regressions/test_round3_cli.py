@@ -1,5 +1,5 @@
-"""Issue 23, "No silent corruption, round 3", item 6: the training
-command's own files (results.json after every epoch on every engine and on
+"""Regressions of the third round of probes in the training command's own
+files (results.json after every epoch on every engine and on
 Ctrl-C, --out holding only the current run's files, a write error in one
 line). Each failed on the tree before the fix."""
 import errno
