@@ -192,6 +192,8 @@ class _ShardedBase(torch.optim.Optimizer):
         self.table = HyperTable(self.device, self.dtype if self.dtype == torch.float64 else torch.float32,
                                 pin=False)
         self._locals = locals_
+        # the model's buffers (running statistics), by slot: a forward may replace them
+        self._buffer_slots = [(m, n) for m in model.modules() for n, b in m._buffers.items() if b is not None]
         self._views = {}
         with torch.no_grad():
             torch._foreach_copy_(self._view_list(self.x), locals_)
@@ -305,10 +307,23 @@ class _ShardedBase(torch.optim.Optimizer):
                                "of params); the step was refused on every rank")
         return v
 
-    def _swap(self, send: torch.Tensor, recv: torch.Tensor) -> None:
-        """Rank r and r + k trade their gradient shards (P/k values each way)."""
+    def _buffers(self) -> List[torch.Tensor]:
+        return [m._buffers[n] for m, n in self._buffer_slots]
+
+    def _restore_buffers(self, saved: List[torch.Tensor]) -> None:
+        for (m, n), b in zip(self._buffer_slots, saved):
+            m._buffers[n] = b
+
+    def _swap(self, send: torch.Tensor, recv: torch.Tensor, buffers: bool = False) -> None:
+        """Rank r and r + k trade their gradient shards (P/k values each way);
+        with `buffers`, half 0 also sends the model's buffers to half 1 (the
+        x̃-pass's running statistics replace the y-pass's, as the y-pass's
+        updates are private)."""
         ops = [dist.P2POp(dist.isend, send, self.pair, group=self._group),
                dist.P2POp(dist.irecv, recv, self.pair, group=self._group)]
+        if buffers:
+            op = dist.isend if self.half == 0 else dist.irecv
+            ops += [dist.P2POp(op, b, self.pair, group=self._group) for b in self._buffers()]
         try:
             for w in dist.batch_isend_irecv(ops):
                 w.wait()
@@ -336,6 +351,7 @@ class _ShardedBase(torch.optim.Optimizer):
                 int(self.counts[i] == 0), 1, True, self.cfg)
         self.counts = [c + 1 for c in self.counts]
         self.steps_taken += 1
+        self._accepted = True
 
     def step(self, batch=None, closure=None):
         if closure is not None:
@@ -343,10 +359,14 @@ class _ShardedBase(torch.optim.Optimizer):
                 closure()
         if batch is None:
             raise TypeError(f"{self.method}: step(batch) needs the batch")
+        saved = [b.clone() for b in self._buffers()]
+        self._accepted = False
         try:
             return self._step(batch)
         finally:
             self._load_point(self.x)           # the model holds x between steps, whatever happened
+            if not self._accepted:             # a refused or failed step: the buffers as they were
+                self._restore_buffers(saved)
 
     # torch.optim.Optimizer's own step/zero_grad semantics do not apply
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -400,7 +420,7 @@ class ShardedSAMPa(_ShardedBase):
         v = self._status(loss, failure, got, ok, sq)
         if not self._nonfinite(v):
             return torch.tensor(v[0] / self.k, dtype=torch.float32)
-        self._swap(own, self.gy_new if self.half == 0 else self.g)
+        self._swap(own, self.gy_new if self.half == 0 else self.g, buffers=True)
         # 4-6. x, s = base_step(x, s, (1 - lam) gxt + lam gy_new); gy <- gy_new
         self._post(True, self.gy_new, self.gy)
         self.gy_sq.fill_(v[2])
@@ -449,7 +469,9 @@ class ShardedSAM(_ShardedBase):
             self.ops.perturb(self.x[sl], self.point[sl], self.g[sl], norm, None, self.table.row(i),
                              False, self.cfg)
         self._load_point(self.point)
+        at_x = [b.clone() for b in self._buffers()]     # the perturbed pass's buffer updates are discarded
         v1, fine = self._pass_mean(part, "perturbed pass")
+        self._restore_buffers(at_x)
         if not fine and not self._nonfinite(v1):
             return torch.tensor((v1[0] + v1[1]) / self.world, dtype=torch.float32)
         self._post(False)

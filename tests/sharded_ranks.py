@@ -157,8 +157,32 @@ def scenario_errors(res):
         errs["layout"] = f"{type(e).__name__}: {e}"
 
 
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc1(x))))
+
+
+def scenario_buffers(res, steps=3):
+    bs = batches(steps, 8, seed=9)
+    out = {}
+    for cls, kw in ((ShardedSAMPa, dict(lam=0.2)), (ShardedSAM, {})):
+        torch.manual_seed(0)
+        m = sampa_fused.shard(BNNet())
+        opt = cls(m, loss_fn, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, **kw)
+        for b in bs:
+            opt.step(b)
+        out[cls.__name__] = [b.detach().clone() for b in m.buffers()]
+    res["buffers"] = out
+
+
 SCENARIOS = {"trajectory": scenario_trajectory, "layout8": scenario_layout8, "adamw": scenario_adamw,
-             "errors": scenario_errors}
+             "errors": scenario_errors, "buffers": scenario_buffers}
 
 
 def main():

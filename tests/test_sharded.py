@@ -61,7 +61,7 @@ def launch(world: int, scenarios: str, timeout: float = 120.0) -> list:
 
 @pytest.fixture(scope="module")
 def four():
-    return launch(4, "trajectory,adamw,errors")
+    return launch(4, "trajectory,adamw,errors,buffers")
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,18 @@ def test_layout_2x4(eight, method):
         assert rel_error(ref, got) <= REL, f"rank {r}"
     for r in range(4):
         assert all(torch.equal(u, v) for u, v in zip(eight[r]["sampa_local"], eight[r + 4]["sampa_local"]))
+
+
+def test_buffers_follow_the_x_pass(four):
+    """SAMPa: the y-pass's running statistics are private; half 1 ends each
+    step with half 0's (pair r, r + k identical). SAM: one buffer update per
+    step (the perturbed pass's is discarded)."""
+    k = len(four) // 2
+    for r in range(k):
+        a, b = four[r]["buffers"]["ShardedSAMPa"], four[r + k]["buffers"]["ShardedSAMPa"]
+        assert all(torch.equal(u, v) for u, v in zip(a, b)), f"ranks {r} and {r + k}: buffers differ"
+        mean, var, tracked = a
+        assert not torch.equal(mean, torch.zeros_like(mean))
+        assert int(tracked) == 3                     # three accepted steps, one x̃-pass each
+    for res in four:
+        assert int(res["buffers"]["ShardedSAM"][2]) == 3
