@@ -368,6 +368,93 @@ class _ShardedBase(torch.optim.Optimizer):
             if not self._accepted:             # a refused or failed step: the buffers as they were
                 self._restore_buffers(saved)
 
+    # ---------------------------------------------------------------- checkpoints
+    def _sharded(self, flat: torch.Tensor) -> dict:
+        """flat's local shards as DTensors shaped and placed as the parameters
+        (keys: the parameter's index), for torch.distributed.checkpoint."""
+        from torch.distributed.tensor import DTensor
+        return {str(i): DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                           run_check=False)
+                for i, (v, p) in enumerate(zip(self._view_list(flat), self.params))}
+
+    def _flats(self) -> dict:
+        """Every flat buffer a checkpoint holds, by name."""
+        out = {"x": self.x}
+        out.update({f"state.{n}": b for n, b in self.state_bufs.items()})
+        return out
+
+    def _meta(self) -> dict:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return dict(method=self.method, counts=list(self.counts), steps=self.steps_taken,
+                    skipped=self.skipped_steps, groups=groups, k=self.k,
+                    sizes=[list(p.shape) for p in self.params])
+
+    def state_dict(self) -> dict:
+        """The optimizer's state as a torch.distributed.checkpoint state dict:
+        x, the base state (and gy) as DTensors sharded as the parameters (each
+        rank writes its shards; the two halves hold the same, written once),
+        the rest (step counts, hyperparameters, the held batch) as one small
+        object. Save with dcp.save(opt.state_dict(), checkpoint_id=dir); load with
+        sd = opt.state_dict(); dcp.load(sd, checkpoint_id=dir); opt.load_state_dict(sd)."""
+        import io
+        buf = io.BytesIO()
+        torch.save(self._meta(), buf)
+        out = {name: self._sharded(flat) for name, flat in self._flats().items()}
+        out["meta"] = buf.getvalue()
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore from state_dict() filled by dcp.load (on the same layout).
+        Everything is checked before anything is written; x goes into the
+        model's parameters too."""
+        import io
+        meta = state_dict.get("meta")
+        if not isinstance(meta, (bytes, bytearray)):
+            raise ValueError(f"{self.method}: load_state_dict expects the dict of opt.state_dict() "
+                             "filled by torch.distributed.checkpoint.load (its 'meta' entry is missing)")
+        meta = torch.load(io.BytesIO(meta), weights_only=False)
+        mine = self._meta()
+        for key in ("method", "k", "sizes"):
+            if meta.get(key) != mine[key]:
+                raise ValueError(f"{self.method}: the checkpoint was saved with {key}={meta.get(key)!r}, this "
+                                 f"optimizer has {mine[key]!r}; load it on the same model and layout")
+        if len(meta["groups"]) != len(self.param_groups):
+            raise ValueError(f"{self.method}: the checkpoint has {len(meta['groups'])} param groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        srcs = {}
+        for name, flat in self._flats().items():
+            part = state_dict.get(name)
+            if not isinstance(part, dict) or set(part) != {str(i) for i in range(len(self.params))}:
+                raise ValueError(f"{self.method}: the checkpoint's {name!r} entry does not match this "
+                                 "optimizer's parameters")
+            locs = [part[str(i)].to_local() for i in range(len(self.params))]
+            if [t.shape for t in locs] != [t.shape for t in self._view_list(flat)]:
+                raise ValueError(f"{self.method}: the checkpoint's {name!r} shards have other shapes "
+                                 "than this rank's; load it on the same layout")
+            srcs[name] = locs
+        extra = self._load_extra_check(meta)
+        with torch.no_grad():
+            for name, flat in self._flats().items():
+                torch._foreach_copy_(self._view_list(flat), srcs[name])
+        for g, saved in zip(self.param_groups, meta["groups"]):
+            g.update(saved)
+        self.counts = list(meta["counts"])
+        self.steps_taken, self.skipped_steps = meta["steps"], meta["skipped"]
+        self._load_extra(extra)
+        self._load_point(self.x)
+
+    def _load_extra_check(self, meta: dict):
+        return None
+
+    def _load_extra(self, extra) -> None:
+        pass
+
+    def full_state_dict(self) -> dict:
+        """The unsharded state for export: {name: [full tensor per parameter]}
+        on every rank (an all-gather within each half per tensor)."""
+        return {name: [d.full_tensor() for d in self._sharded(flat).values()]
+                for name, flat in self._flats().items()}
+
     # torch.optim.Optimizer's own step/zero_grad semantics do not apply
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -393,6 +480,23 @@ class ShardedSAMPa(_ShardedBase):
         self.gy_new = torch.zeros_like(self.gy)
         self.gy_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         self.held = None
+
+    def _flats(self) -> dict:
+        out = super()._flats()
+        out["gy"] = self.gy
+        return out
+
+    def _meta(self) -> dict:
+        out = super()._meta()
+        out.update(gy_sq=float(self.gy_sq), held=self.held)
+        return out
+
+    def _load_extra_check(self, meta: dict):
+        return meta["gy_sq"], meta["held"]
+
+    def _load_extra(self, extra) -> None:
+        self.gy_sq.fill_(extra[0])
+        self.held = extra[1]
 
     def _step(self, batch):
         held = batch if self.held is None else self.held            # first call: B_0 = B_1

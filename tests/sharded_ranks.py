@@ -181,8 +181,45 @@ def scenario_buffers(res, steps=3):
     res["buffers"] = out
 
 
+OUT = {}
+
+
+def scenario_checkpoint(res, steps=6, cut=3):
+    """Save after `cut` steps, load into a fresh model and optimizer (other
+    initial weights), go on: bit-identical to the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    kw = dict(rho=0.1, lam=0.3, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    bs = batches(steps, 8, seed=11)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        m = sampa_fused.shard(MLP())
+        return m, ShardedSAMPa(m, loss_fn, torch.optim.SGD, **kw)
+    m, opt = build(0)
+    whole = []
+    for b in bs:
+        opt.step(b)
+        whole.append(full_params(m) + [opt.gy.clone(), opt.state_bufs["momentum_buffer"].clone()])
+    m, opt = build(0)
+    for b in bs[:cut]:
+        opt.step(b)
+    path = os.path.join(OUT["dir"], "ckpt")
+    dcp.save(opt.state_dict(), checkpoint_id=path)
+    m, opt = build(1)
+    sd = opt.state_dict()
+    dcp.load(sd, checkpoint_id=path)
+    opt.load_state_dict(sd)
+    resumed = []
+    for b in bs[cut:]:
+        opt.step(b)
+        resumed.append(full_params(m) + [opt.gy.clone(), opt.state_bufs["momentum_buffer"].clone()])
+    res["checkpoint"] = (whole[cut:], resumed)
+    full = opt.full_state_dict()
+    res["full_x"] = (full["x"], full_params(m))
+
+
 SCENARIOS = {"trajectory": scenario_trajectory, "layout8": scenario_layout8, "adamw": scenario_adamw,
-             "errors": scenario_errors, "buffers": scenario_buffers}
+             "errors": scenario_errors, "buffers": scenario_buffers, "checkpoint": scenario_checkpoint}
 
 
 def main():
@@ -192,6 +229,7 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     res = {}
+    OUT["dir"] = out
     try:
         for n in names:
             SCENARIOS[n](res)

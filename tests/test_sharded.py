@@ -61,7 +61,7 @@ def launch(world: int, scenarios: str, timeout: float = 120.0) -> list:
 
 @pytest.fixture(scope="module")
 def four():
-    return launch(4, "trajectory,adamw,errors,buffers")
+    return launch(4, "trajectory,adamw,errors,buffers,checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +136,13 @@ def test_buffers_follow_the_x_pass(four):
         assert int(tracked) == 3                     # three accepted steps, one x̃-pass each
     for res in four:
         assert int(res["buffers"]["ShardedSAM"][2]) == 3
+
+
+def test_checkpoint_resume_is_bit_identical(four):
+    for r, res in enumerate(four):
+        whole, resumed = res["checkpoint"]
+        assert len(whole) == len(resumed) == 3
+        for a, b in zip(whole, resumed):
+            assert all(torch.equal(u, v) for u, v in zip(a, b)), f"rank {r}: the resumed run differs"
+        full, params = res["full_x"]
+        assert all(torch.equal(u, v) for u, v in zip(full, params))
