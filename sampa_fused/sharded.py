@@ -185,8 +185,7 @@ class _ShardedBase(torch.optim.Optimizer):
             start = end
         buf = lambda: torch.zeros(self.n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.x = buf()
-        self.g = buf()                 # this pass's gradient (SAMPa half 0, SAM), then gxt
-        self.point = buf()             # xt or y; the post op's scratch once the passes are done
+        self.g = buf()                 # gxt (SAM: the pass's gradient); also the post op's scratch
         self.state_bufs = {n: buf() for n in self.rule.STATE if n != "step"}
         self.counts = [0] * len(base.param_groups)
         self.table = HyperTable(self.device, self.dtype if self.dtype == torch.float64 else torch.float32,
@@ -347,7 +346,7 @@ class _ShardedBase(torch.optim.Optimizer):
         for i, sl in enumerate(self.segments):
             self.ops.post[self.rule.NAME](
                 self.x[sl], self.g[sl], gy_new[sl] if mixing else None, gy[sl] if mixing else None,
-                self._state(i, sl), self.point[sl], None, ok, None, self.table.row(i), self._flags[i],
+                self._state(i, sl), self.g[sl], None, ok, None, self.table.row(i), self._flags[i],
                 int(self.counts[i] == 0), 1, True, self.cfg)
         self.counts = [c + 1 for c in self.counts]
         self.steps_taken += 1
@@ -478,6 +477,9 @@ class ShardedSAMPa(_ShardedBase):
         super().__init__(model, loss_fn, base_optimizer, rho=rho, lam=lam, **kwargs)
         self.gy = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         self.gy_new = torch.zeros_like(self.gy)
+        # the pass point lives in the buffer the swap fills later (free until then):
+        # xt in gy_new on half 0, y in g on half 1; no buffer of its own
+        self.point = self.gy_new if self.half == 0 else self.g
         self.gy_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         self.held = None
 
@@ -543,6 +545,7 @@ class ShardedSAM(_ShardedBase):
             raise TypeError("ShardedSAM takes no lam (SAMPa's interpolation ratio)")
         super().__init__(model, loss_fn, base_optimizer, rho=rho, lam=None, **kwargs)
         self.other = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        self.point = self.other        # xt, formed after the first swap, before the second
 
     def _pass_mean(self, part, which: str):
         """One data-parallel pass over 2k ranks: g <- the mean gradient shard."""
