@@ -186,7 +186,9 @@ class _ShardedBase(torch.optim.Optimizer):
         buf = lambda: torch.zeros(self.n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.x = buf()
         self.g = buf()                 # gxt (SAM: the pass's gradient); also the post op's scratch
-        self.state_bufs = {n: buf() for n in self.rule.STATE if n != "step"}
+        # the base state the groups use now (AdamW: 2P/k, 3P/k with amsgrad); more on demand
+        self.state_bufs = {n: buf() for g in base.param_groups
+                           for n in self.rule.state_names(self.rule.hyper(g, who))}
         self.counts = [0] * len(base.param_groups)
         self.table = HyperTable(self.device, self.dtype if self.dtype == torch.float64 else torch.float32,
                                 pin=False)
@@ -232,7 +234,11 @@ class _ShardedBase(torch.optim.Optimizer):
         self.table.upload(rows)
 
     def _state(self, i: int, sl: slice) -> List[torch.Tensor]:
-        return [self.state_bufs[n][sl] for n in self.rule.state_order(tuple(self._flags[i]))]
+        names = self.rule.state_order(tuple(self._flags[i]))
+        for n in names:
+            if n not in self.state_bufs:          # a hyperparameter edit turned it on
+                self.state_bufs[n] = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        return [self.state_bufs[n][sl] for n in names]
 
     def _batch_part(self, batch, index: int, parts: int):
         """Part `index` of `parts` equal parts along dim 0: FSDP2 averages the
