@@ -149,7 +149,25 @@ def scenario_errors(res):
     # a model sharded over the whole world (not per half) is refused
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    flat_mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # SAM: bad input raises the same error on every rank; a non-finite loss is refused everywhere
+    sam = ShardedSAM(sampa_fused.shard(MLP()), loss_fn, torch.optim.SGD, rho=0.1, lr=0.1, timeout=60)
+    for key, b in (("sam_odd", (bs[1][0][:6], bs[1][1][:6])), ("sam_nan", nan_batch)):
+        try:
+            sam.step(b)
+        except Exception as e:  # noqa: BLE001
+            errs[key] = f"{type(e).__name__}: {e}"
+    res["sam_steps"] = (sam.steps_taken, float(sam.step(bs[2])) > 0, sam.steps_taken)
+    # a model the user sharded on a compatible mesh (the root only) is accepted
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("pass", "shard"))
+    torch.manual_seed(0)
+    own = fully_shard(MLP(), mesh=mesh["shard"])
+    kw = dict(rho=0.1, lam=0.3, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    mine = ShardedSAMPa(own, loss_fn, torch.optim.SGD, **kw)
+    for b in bs:
+        mine.step(b)
+    res["user_sharded"] = (serial_run(SAMPa, kw, bs, len(bs))[-1], full_params(own))
+    flat_mesh = init_device_mesh("cpu", (world,))
     m2 = fully_shard(MLP(), mesh=flat_mesh)
     try:
         ShardedSAMPa(m2, loss_fn, torch.optim.SGD, lr=0.1)

@@ -109,7 +109,13 @@ def test_bad_input_raises_on_every_rank(four):
     assert all("boom in the y-pass" in e["raise"] for e in errs[2:])
     assert all(e["raise"].startswith("RuntimeError") and "ranks 2, 3" in e["raise"] for e in errs[:2])
     assert len({e["odd_batch"] for e in errs}) == 1 and len({e["nan"] for e in errs}) == 1
+    for e in errs:
+        assert e["sam_odd"].startswith("ValueError") and "multiple of 4" in e["sam_odd"]
+        assert e["sam_nan"].startswith("FloatingPointError")
     for res in four:
+        assert res["sam_steps"] == (0, True, 1)        # the refused steps did not count
+        ref, got = res["user_sharded"]
+        assert rel_error([ref], [got]) <= REL
         assert res["unchanged"], "a refused step moved parameters, x, gy, the state or the held batch"
         assert res["after_ok"]
 
