@@ -269,7 +269,7 @@ class _ShardedBase(torch.optim.Optimizer):
                 loss.backward()
             return loss.detach().to(torch.float64), None
         except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised after the status
-            return torch.zeros((), dtype=torch.float64), e
+            return torch.zeros((), dtype=torch.float64, device=self.device), e
 
     def _take_grads(self, into: torch.Tensor) -> bool:
         """This rank's reduce-scattered gradient shards into `into`; False
@@ -558,7 +558,7 @@ class ShardedSAM(_ShardedBase):
         loss, failure = self._run_pass(part, which)
         got = failure is None and self._take_grads(self.g)
         ok, _ = self.ops.check([], [self.g], [loss.float()], None, 1, self.cfg)
-        v = self._status(loss, failure, got, ok, torch.zeros(()))
+        v = self._status(loss, failure, got, ok, torch.zeros((), device=self.device))
         if v[3]:
             return v, False
         self._swap(self.g, self.other)
@@ -575,7 +575,7 @@ class ShardedSAM(_ShardedBase):
             return torch.tensor((v0[0] + v0[1]) / self.world, dtype=torch.float32)
         # ||g||^2 over all shards: each pair holds one copy, counted by half 0 only
         sq = torch.dot(self.g, self.g).to(torch.float64) if self.half == 0 else \
-            torch.zeros((), dtype=torch.float64)
+            torch.zeros((), dtype=torch.float64, device=self.device)
         dist.all_reduce(sq, group=self._group)
         norm = sq.to(torch.float32).sqrt()
         for i, sl in enumerate(self.segments):
