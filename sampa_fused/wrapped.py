@@ -52,7 +52,9 @@ def refuse_wrapped(model: nn.Module, engine: str, method: str) -> None:
     if sharded:
         raise ValueError(f"{method}: the model is wrapped by {name}, which shards its parameters; "
                          f"{method} keeps them whole in flat buffers: build it on the bare module "
-                         f"({bare}) and use engine='distributed' for data parallelism")
+                         f"({bare}) and use engine='distributed' for data parallelism, or keep it "
+                         f"sharded with sampa_fused.Sharded{method} (model = sampa_fused.shard(module), "
+                         "on a (pass, shard) mesh)")
     if engine in ("distributed", "peer"):
         raise ValueError(f"{method}: the model is wrapped by {name}; the {engine} engine runs its own "
                          f"data parallelism and would deadlock with the wrapper's: pass the bare "
