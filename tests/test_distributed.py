@@ -8,18 +8,15 @@ run inside each rank is the reference.
 from __future__ import annotations
 
 import collections
-import datetime
 import gc
 import os
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import pytest
+import ranks
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -519,68 +516,11 @@ def _scenario_replicas(rank, world):
     return res
 
 
-def _worker(rank, world, init_file, out_dir, scenario, args):
-    sys.path.insert(0, REPO)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=60))
-        scenarios = {"main": _scenario_main, "failure": _scenario_failure,
-                     "bad_loss": _scenario_bad_loss, "errors": _scenario_errors,
-                     "replicas": _scenario_replicas, "drift": _scenario_drift}
-        res = scenarios[scenario](rank, world, *args)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        res = {"worker_error": traceback.format_exc()}
-    torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
-    sys.stdout.flush()
-    # A broken process group may block in its destructor: leave at once.
-    os._exit(0)
-
-
-def _context():
-    # A fork server that has imported torch once: each rank then starts in
-    # well under a second instead of importing torch again (seconds each on
-    # loaded machines), and, unlike plain fork, from a single-threaded parent.
-    ctx = mp.get_context("forkserver")
-    # (torch._dynamo: torch.optim imports it on first use, seconds by itself)
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused", __name__])
-    return ctx
-
-
 def launch(world, scenario, *args, deadline=150.0, expect_dead=()):
-    """Run `scenario` on `world` processes; return each rank's result (None
-    for ranks in `expect_dead`). Never hangs: stragglers are killed."""
-    ctx = _context()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_worker, args=(r, world, init_file, tmp, scenario, args))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        end = time.monotonic() + deadline
-        for r, p in enumerate(procs):
-            if r in expect_dead:
-                continue
-            p.join(max(0.0, end - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive() and r not in expect_dead]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        assert not hung, f"ranks {hung} of the {scenario} scenario did not finish within {deadline} s"
-        out = []
-        for r in range(world):
-            path = os.path.join(tmp, f"{r}.pt")
-            if r in expect_dead:
-                out.append(None)
-                continue
-            assert os.path.exists(path), f"rank {r} exited with code {procs[r].exitcode} and no result"
-            res = torch.load(path, weights_only=False)
-            assert "worker_error" not in res, f"rank {r} failed:\n{res['worker_error']}"
-            out.append(res)
-        return out
+    """Run `_scenario_<scenario>` on `world` processes; return each rank's
+    result (None for ranks in `expect_dead`). Never hangs: stragglers are killed."""
+    return ranks.launch(__name__, f"_scenario_{scenario}", world, args, deadline=deadline,
+                        expect_dead=expect_dead, what=f" of the {scenario} scenario")
 
 
 @pytest.fixture(scope="module")

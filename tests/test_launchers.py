@@ -7,18 +7,14 @@ distributed engine's SAM on the same global batches."""
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import subprocess
 import sys
-import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import pytest
+import ranks as rank_runner
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from reference import SmallNet, ce_loss, make_batches
 
@@ -110,48 +106,9 @@ def _scenario(rank, world):
     return res
 
 
-def _worker(rank, world, init_file, out_dir):
-    sys.path.insert(0, REPO)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=30))
-        res = _scenario(rank, world)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        res = {"worker_error": traceback.format_exc()}
-    torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
-    sys.stdout.flush()
-    os._exit(0)    # a broken process group may block in its destructor
-
-
 def _launch(world=2, deadline=120.0):
     """Each rank's result; a rank still running after `deadline` fails the test (a hang)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sampa_fused"])
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_worker, args=(r, world, init_file, tmp)) for r in range(world)]
-        for p in procs:
-            p.start()
-        end = time.monotonic() + deadline
-        for p in procs:
-            p.join(max(0.0, end - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        assert not hung, f"ranks {hung} did not finish within {deadline} s (a hang)"
-        out = []
-        for r in range(world):
-            path = os.path.join(tmp, f"{r}.pt")
-            assert os.path.exists(path), f"rank {r} exited with code {procs[r].exitcode} and no result"
-            res = torch.load(path, weights_only=False)
-            assert "worker_error" not in res, f"rank {r} failed:\n{res['worker_error']}"
-            out.append(res)
-        return out
+    return rank_runner.launch(__name__, "_scenario", world, deadline=deadline, init_timeout_s=30.0)
 
 
 @pytest.fixture(scope="module")
