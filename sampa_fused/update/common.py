@@ -78,15 +78,21 @@ def perturb_into(xt: torch.Tensor, x: torch.Tensor, g: torch.Tensor, inv: Option
     xt.mul_(scale).add_(x)
 
 
+def losses_finite(losses: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """Every loss finite, as a bool tensor on `device` (no host read)."""
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for loss in losses:
+        ok &= torch.isfinite(loss.detach()).reshape(()).to(device, non_blocking=True)
+    return ok
+
+
 def lean_check(slabs: Sequence, losses: Sequence[torch.Tensor], grads: Sequence[str],
                sq: Optional[str], inv: Optional[torch.Tensor], device) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch_check in one reduction per buffer and no full-size temporary:
     finiteness from the buffer's min and max (NaN propagates), the sum of
     squares as a dot product (its own finiteness checks the squared buffer).
     16-bit buffers and unscaling (a GradScaler) take torch_check's way."""
-    ok = torch.ones((), dtype=torch.bool, device=device)
-    for loss in losses:
-        ok &= torch.isfinite(loss.detach()).reshape(()).to(device, non_blocking=True)
+    ok = losses_finite(losses, device)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for b in slabs:
         for name in grads:
@@ -127,9 +133,7 @@ def torch_check(slabs: Sequence, losses: Sequence[torch.Tensor], grads: Sequence
                 sq: Optional[str], inv: Optional[torch.Tensor], device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(ok, sum of squares): every loss and every named gradient buffer
     finite, and the fp32 sum of squares of the `sq` buffers (unscaled)."""
-    ok = torch.ones((), dtype=torch.bool, device=device)
-    for loss in losses:
-        ok &= torch.isfinite(loss.detach()).reshape(()).to(device, non_blocking=True)
+    ok = losses_finite(losses, device)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for b in slabs:
         for name in grads:
