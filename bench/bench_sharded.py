@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from sampa_fused.launch import free_port  # noqa: E402  (after the path)
 
 CONFIGS = ("sampa_sharded", "sampa_replicated", "sam_sharded")
 WORLD = 4
@@ -131,17 +131,12 @@ def rank_main(rank: int, port: str, name: str, args: dict, out_path: str) -> Non
     os._exit(0)
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 def run_config(name: str, args: dict) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        port = _port()
+        port = str(free_port())
         procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rank", str(r), "--port", port,
                                    "--config", name, "--args", json.dumps(args), "--res", out], env=env)
                  for r in range(WORLD)]

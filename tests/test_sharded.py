@@ -5,7 +5,6 @@ the ranks saved. The serial engine, run inside each rank, is the reference."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from sampa_fused.launch import free_port
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -26,18 +27,13 @@ REPO = str(HERE.parent)
 REL = 1e-6
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(world: int, scenarios: str, timeout: float = 120.0) -> list:
     """Run the scenarios on `world` ranks; each rank's saved results."""
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS="1")
-        port = str(_port())
+        port = str(free_port())
         procs = [subprocess.Popen([sys.executable, str(HERE / "sharded_ranks.py"), str(r), str(world), port,
                                    out, scenarios], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for r in range(world)]
