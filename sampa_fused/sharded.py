@@ -39,6 +39,7 @@ from torch import nn
 
 from . import tree
 from .passes import split_loss
+from .sharpness import _number, check_rho_lam
 from .update import RULES, backend_for
 from .update.common import EPS, default_config
 from .update.ops import config_list, family
@@ -137,8 +138,8 @@ class _ShardedBase(torch.optim.Optimizer):
         who = self.method
         if not callable(loss_fn):
             raise TypeError(f"{who}: loss_fn must be callable as loss_fn(model, batch)")
-        if not isinstance(rho, (int, float)) or rho < 0:
-            raise ValueError(f"{who}: rho must be a number >= 0, got {rho!r}")
+        check_rho_lam({"rho": rho} if lam is None else {"rho": rho, "lam": lam}, who)
+        rho = _number(rho)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"{who}: nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
@@ -154,7 +155,7 @@ class _ShardedBase(torch.optim.Optimizer):
         for g in base.param_groups:
             g.setdefault("rho", float(rho))
             if lam is not None:
-                g.setdefault("lam", float(lam))
+                g.setdefault("lam", _number(lam))
         self.base = base
         self.params = [p for g in base.param_groups for p in g["params"]]
         for i, p in enumerate(self.params):
@@ -478,8 +479,8 @@ class ShardedSAMPa(_ShardedBase):
     method = "ShardedSAMPa"
 
     def __init__(self, model, loss_fn, base_optimizer, *, rho: float = 0.05, lam: float = 0.2, **kwargs):
-        if not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
-            raise ValueError(f"{self.method}: lam must be a number in [0, 1], got {lam!r}")
+        if lam is None:
+            raise ValueError(f"{self.method}: lam must be a number in [0, 1], got None")
         super().__init__(model, loss_fn, base_optimizer, rho=rho, lam=lam, **kwargs)
         self.gy = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         self.gy_new = torch.zeros_like(self.gy)

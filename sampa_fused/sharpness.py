@@ -61,7 +61,7 @@ class Sharpness(torch.optim.Optimizer):
         cls = type(self).__name__
         self._check_arguments(model, loss_fn, base_optimizer, nonfinite, grad_scaler, max_grad_norm,
                               accumulation_steps, adaptive, base_kwargs)
-        self._check_rho_lam({"rho": rho, **self._defaults_extra()}, cls)
+        check_rho_lam({"rho": rho, **self._defaults_extra()}, cls)
         refuse_wrapped(model, resolved_engine(engine), cls)    # DDP, FSDP, Fabric: before any collective
         engine_options = {k: base_kwargs.pop(k) for k in ENGINE_OPTIONS if k in base_kwargs}
         if params is None:   # as torch.optim.SGD(model.parameters()): frozen ones too
@@ -160,16 +160,6 @@ class Sharpness(torch.optim.Optimizer):
             raise ValueError(f"{cls}: accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         if not isinstance(adaptive, bool):
             raise TypeError(f"{cls}: adaptive must be True or False, got {adaptive!r}")
-
-    @staticmethod
-    def _check_rho_lam(group: dict, where: str) -> None:
-        rho = _number(group.get("rho"))
-        if rho is None or not 0 <= rho < float("inf"):
-            raise ValueError(f"{where}: rho must be a finite number >= 0, got {group.get('rho')!r}")
-        if "lam" in group:
-            lam = _number(group["lam"])
-            if lam is None or not 0 <= lam <= 1:
-                raise ValueError(f"{where}: lam must be a number in [0, 1], got {group['lam']!r}")
 
     # ------------------------------------------------------------ layout
     def _check_param(self, p: torch.Tensor, where: str = "") -> None:
@@ -374,7 +364,7 @@ class Sharpness(torch.optim.Optimizer):
             if k not in group:
                 raise ValueError(f"{where}: the hyperparameter {k!r} is missing; set it again "
                                  f"(opt.param_groups[i][{k!r}] = ...)")
-        self._check_rho_lam(group, where)
+        check_rho_lam(group, where)
         plain = {k: _plain(v) for k, v in group.items() if k != "params"}
         hp = self._rule.hyper(plain, where) if self._rule is not None else _generic_hyper(plain, where)
         return hp, _number(group["rho"]), _number(group.get("lam", 0.0))
@@ -621,7 +611,7 @@ class Sharpness(torch.optim.Optimizer):
         for k in self._group_keys:
             group.setdefault(k, self.defaults[k])
         where = f"{type(self).__name__}.add_param_group"
-        self._check_rho_lam(group, where)
+        check_rho_lam(group, where)
         self._group_hyper({**self.defaults, **group}, where)
         old = {id(p): i for i, p in enumerate(self.flat.layout.params)}
         self.base.add_param_group(group)
@@ -687,6 +677,18 @@ def _plain(v):
     if isinstance(v, numbers.Number) or (getattr(v, "ndim", None) == 0 and hasattr(v, "item")):
         return v.item() if hasattr(v, "item") else v
     return v
+
+
+def check_rho_lam(group: dict, where: str) -> None:
+    """rho a finite number >= 0 and, where the group has one, lam in [0, 1]
+    (numpy scalars and 1-element tensors count as numbers)."""
+    rho = _number(group.get("rho"))
+    if rho is None or not 0 <= rho < float("inf"):
+        raise ValueError(f"{where}: rho must be a finite number >= 0, got {group.get('rho')!r}")
+    if "lam" in group:
+        lam = _number(group["lam"])
+        if lam is None or not 0 <= lam <= 1:
+            raise ValueError(f"{where}: lam must be a number in [0, 1], got {group['lam']!r}")
 
 
 def _number(v) -> Optional[float]:
